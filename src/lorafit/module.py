@@ -78,6 +78,9 @@ class CausalLMModule(pl.LightningModule):
         )
         disable_cpu_weight_repacking(base)
         self.model = adapter.apply(base, gradient_checkpointing=spec["gradient_checkpointing"])
+        # from_pretrained returns eval mode, and Lightning keeps the modes it finds: without
+        # this, dropout (lora_dropout included) would silently never apply.
+        self.model.train()
         counts = trainable_parameters(self.model)
         log.info("trainable parameters: %(trainable)d of %(total)d (share %(share).5f)", counts)
 

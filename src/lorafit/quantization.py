@@ -86,7 +86,8 @@ def check_bitsandbytes(device: torch.device | str, bits: int) -> None:
 
     def unavailable(problem: str) -> QuantizationUnavailableError:
         return QuantizationUnavailableError(
-            f"The adapter asks for {bits}-bit quantization (load_in_{bits}bit), which needs "
+            f"adapter.quantization asks for {bits}-bit (load_in_{bits}bit: adapter="
+            f"{'qlora' if bits == 4 else 'lora_8bit'}), which needs "
             f"bitsandbytes on {device}, but {problem}. Install a bitsandbytes build that "
             f"supports {device.type}, train on a device it supports, or choose adapter=lora "
             "to train without quantization."

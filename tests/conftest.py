@@ -1,0 +1,50 @@
+"""Shared test set-up: the real Hydra config, shrunk by overrides, and an isolated cache."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Converted models and tokenizers go to one folder per test session, never the user's cache.
+os.environ.setdefault("LORAFIT_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "lorafit-test-cache"))
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# The base of every training test: tiny random Mistral, fp32 on CPU, a few steps, no clutter.
+TINY = [
+    "experiment=tiny",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "callbacks.progress_bar=null",
+]
+
+
+def compose_config(overrides: list[str], output_dir: Path | str = "unused") -> DictConfig:
+    """The run config exactly as `python train.py <overrides>` would compose it."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[*overrides, f"output_dir={output_dir}"])
+
+
+def logged(output_dir: Path, key: str) -> list[float]:
+    """Every value of one metric in the run's metrics.csv, in logging order."""
+    with open(output_dir / "csv" / "metrics.csv") as handle:
+        return [float(row[key]) for row in csv.DictReader(handle) if row.get(key)]
+
+
+@pytest.fixture
+def shared_alpaca() -> Path:
+    path = SHARED_DATA / "alpaca_en_demo.json"
+    if not path.is_file():
+        pytest.skip("../shared/data/alpaca_en_demo.json is not present")
+    return path
