@@ -105,6 +105,8 @@ class CausalLMModule(pl.LightningModule):
         elapsed = time.perf_counter() - self._step_started
         self.log("train/loss", self._step_loss, reduce_fx="sum", sync_dist=True, prog_bar=True)
         self.log("train/tokens_per_s", self._step_tokens / elapsed, reduce_fx="sum", sync_dist=True)
+        # Here rather than LearningRateMonitor, which logs once per micro-batch when accumulating.
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
         self._step_loss, self._step_tokens, self._step_started = 0.0, 0, None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -126,7 +128,7 @@ class CausalLMModule(pl.LightningModule):
         scheduler = instantiate(self.hparams.scheduler)(optimizer, num_training_steps=int(steps))
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

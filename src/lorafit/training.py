@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lorafit.config_checks import check_config
+from lorafit.datamodule import AlpacaDataModule
 from lorafit.module import CausalLMModule
 
 log = logging.getLogger(__name__)
@@ -21,19 +23,27 @@ def _instantiate_each(group: DictConfig | None) -> list[Any]:
     return [instantiate(entry) for entry in (group or {}).values() if entry is not None]
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fine-tune as `cfg` says and return the final logged metrics (train/loss, val/loss...).
+@dataclass
+class Run:
+    """The three objects a run is made of, wired from one config and not yet fitted."""
 
-    Bad config and bad data fail here before any model weight is loaded.
+    trainer: pl.Trainer
+    module: CausalLMModule
+    datamodule: AlpacaDataModule
+
+
+def build_run(cfg: DictConfig) -> Run:
+    """Check the config and the data, then build trainer, module and data module.
+
+    Bad config and bad data fail here, before the tokenizer or any model weight is fetched;
+    the run folder gets only the resolved config.
     """
     accumulate = check_config(cfg)
+    datamodule = instantiate(cfg.data)
+    datamodule.load_rows()
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    pl.seed_everything(cfg.seed, workers=True)
-
-    datamodule = instantiate(cfg.data)
-    datamodule.load_rows()  # bad rows fail now, before the tokenizer or model are fetched
     datamodule.tokenizer = instantiate(cfg.model.source).load_tokenizer()
 
     plain = OmegaConf.to_container(cfg, resolve=True)
@@ -43,13 +53,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         optimizer=plain["optimizer"],
         scheduler=plain["scheduler"],
     )
-    trainer: pl.Trainer = instantiate(
+    trainer = instantiate(
         cfg.trainer,
         accumulate_grad_batches=accumulate,
         logger=_instantiate_each(cfg.get("logger")),
         callbacks=_instantiate_each(cfg.get("callbacks")),
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume_from_checkpoint"))
-    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    return Run(trainer, module, datamodule)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fine-tune as `cfg` says and return the final logged metrics (train/loss, val/loss...)."""
+    pl.seed_everything(cfg.seed, workers=True)
+    run = build_run(cfg)
+    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.resume_from_checkpoint)
+    metrics = {name: float(value) for name, value in run.trainer.callback_metrics.items()}
     log.info("final metrics: %s", metrics)
     return metrics

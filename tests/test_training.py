@@ -1,0 +1,88 @@
+"""End-to-end training on the tiny random Mistral: golden losses, accumulation invariance,
+adapter-only checkpoints, retention, and the exported adapter reloading in peft."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from peft import PeftModel
+
+from conftest import TINY, compose_config, logged
+from lorafit.training import build_run, train
+
+# Regenerate: torch 2.13 CPU, transformers 5.24, peft 0.21.2, bitsandbytes 0.50.2, fp32, seed 42:
+#   python -c "..." is not needed; run the test with GOLDEN printing, e.g.
+#   pytest tests/test_training.py -k golden and read the failure's actual values.
+GOLDEN = {
+    "lora": [10.394060134887695, 10.070594787597656, 10.129509925842285, 10.078535079956055,
+             10.044997215270996],
+    "qlora": [10.3978271484375, 10.081846237182617, 10.135878562927246, 10.075043678283691,
+              10.044878959655762],
+}
+GOLDEN_RUN = TINY + ["adapter.dropout=0.0", "trainer.max_steps=5", "data.batch_size=4",
+                     "trainer.val_check_interval=1.0"]
+
+
+@pytest.mark.parametrize("adapter", ["lora", "qlora"])
+@pytest.mark.parametrize("micro_batch_size", [4, 2])
+def test_golden_losses_are_the_same_for_any_accumulation(tmp_path, adapter, micro_batch_size):
+    # (micro 4, accumulate 1) and (micro 2, accumulate 2) share one expected list.
+    overrides = GOLDEN_RUN + [f"adapter={adapter}", f"data.micro_batch_size={micro_batch_size}"]
+    train(compose_config(overrides, tmp_path))
+    losses = logged(tmp_path, "train/loss")
+    torch.testing.assert_close(losses, GOLDEN[adapter], rtol=0, atol=1e-4)
+    assert losses[-1] < losses[0] - 0.2
+
+
+def _fit(tmp_path: Path, overrides: list[str]):
+    run = build_run(compose_config(TINY + overrides, tmp_path))
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    return run
+
+
+def test_validation_metrics_are_logged(tmp_path):
+    metrics = train(compose_config(TINY, tmp_path))
+    val = logged(tmp_path, "val/loss")
+    assert len(val) == 2 and val[1] < val[0]
+    assert metrics["val/ppl"] == pytest.approx(torch.tensor(metrics["val/loss"]).exp().item())
+    assert logged(tmp_path, "train/tokens_per_s")[-1] > 0
+    assert len(logged(tmp_path, "train/lr")) == 4
+
+
+def test_exported_adapter_reloads_with_the_trained_logits(tmp_path):
+    run = _fit(tmp_path, [])
+    batch = next(iter(run.datamodule.val_dataloader()))
+    trained = run.module.eval()
+    with torch.no_grad():
+        expected = trained(batch["input_ids"], batch["attention_mask"])
+    source = instantiate(compose_config(TINY).model.source)
+    base = source.load_model(
+        dtype=torch.float32, quantization_config=None, attn_implementation="sdpa", device_map=None
+    )
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        actual = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    torch.testing.assert_close(actual.logits, expected, rtol=0, atol=1e-5)
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_checkpoints_hold_adapter_and_optimizer_and_keep_the_newest(tmp_path):
+    run = _fit(
+        tmp_path,
+        ["callbacks.model_checkpoint.every_n_train_steps=1",
+         "callbacks.model_checkpoint.save_top_k=2"],
+    )
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "last.ckpt", "step000003.ckpt", "step000004.ckpt"
+    ]
+    checkpoint = torch.load(folder / "last.ckpt", weights_only=True)
+    trainable = {n for n, p in run.module.named_parameters() if p.requires_grad}
+    assert set(checkpoint["state_dict"]) == trainable
+    assert all("lora_" in name for name in trainable)
+    assert len(checkpoint["optimizer_states"][0]["state"]) == len(trainable)
+    assert checkpoint["global_step"] == 4
