@@ -38,10 +38,13 @@ def _load_local(path: Path) -> datasets.Dataset:
             f"{path}: unsupported file type {path.suffix!r}; use one of "
             f"{', '.join(sorted(LOCAL_FORMATS))}"
         )
+    if path.read_bytes()[:4096].strip() in (b"", b"[]"):
+        raise DataError(f"{path}: the data set is empty")
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:  # noqa: BLE001 - any parser failure becomes one clear message
-        raise DataError(f"{path}: could not be read as {builder}: {error}") from error
+        reason = str(error) or type(error).__name__
+        raise DataError(f"{path}: could not be read as {builder}: {reason}") from error
 
 
 def _load_hub(path: str, revision: str | None, split: str) -> datasets.Dataset:

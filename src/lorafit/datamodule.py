@@ -40,8 +40,6 @@ def split_rows(
         raise DataError(
             f"data.val_set_size={val_set_size} leaves no training rows out of {len(rows)}"
         )
-    if val_set_size > 0 and n_val == 0:
-        raise DataError(f"data.val_set_size={val_set_size} gives an empty validation split")
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     val = [rows[i] for i in sorted(order[:n_val])]
     train = [rows[i] for i in sorted(order[n_val:])]

@@ -1,0 +1,92 @@
+"""Every option of every config group composes, and the article's job composes to its numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+
+from conftest import CONF_DIR, compose_config
+from lorafit.adapters import FullFineTune, LoraAdapter
+from lorafit.config_checks import ConfigError, check_config
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF_DIR / g).glob("*.yaml"))]
+NEEDS_VALUE = {("data", "local"): ["data.datasets.0.path=rows.jsonl"]}
+
+
+def test_every_group_has_options():
+    assert set(GROUPS) == {
+        "adapter", "callbacks", "data", "experiment", "logger", "model", "optimizer",
+        "scheduler", "trainer",
+    }
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_builds(group, option, tmp_path):
+    cfg = compose_config([f"{group}={option}", *NEEDS_VALUE.get((group, option), [])], tmp_path)
+    check_config(cfg)
+    # Build the cheap objects each option feeds; models and trainers are built in run tests.
+    assert isinstance(instantiate(cfg.adapter), LoraAdapter | FullFineTune)
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    if not cfg.optimizer._target_.startswith("bitsandbytes"):
+        optimizer = instantiate(cfg.optimizer)([parameter])
+        instantiate(cfg.scheduler)(optimizer, num_training_steps=10)
+    for entry in (cfg.get("callbacks") or {}).values():
+        instantiate(entry)
+    assert instantiate(cfg.data).batch_size == cfg.data.batch_size
+
+
+def test_article_job_composes_to_the_article_numbers(tmp_path):
+    cfg = compose_config(["adapter=qlora", "data=alpaca_2k"], tmp_path)
+    assert cfg.model.source.repo_id == "mistralai/Mistral-7B-v0.1"
+    quant = instantiate(cfg.adapter.quantization)
+    assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4"
+    assert quant.bnb_4bit_use_double_quant and quant.bnb_4bit_compute_dtype == torch.bfloat16
+    adapter = instantiate(cfg.adapter)
+    assert (adapter.config.r, adapter.config.lora_alpha, adapter.config.lora_dropout) == (
+        32, 16, 0.05
+    )
+    assert adapter.config.target_modules == "all-linear"
+    assert cfg.data.datasets[0].path == "mhenrichsen/alpaca_2k_test"
+    assert cfg.data.val_set_size == 0.1
+    assert cfg.model.gradient_checkpointing
+    assert cfg.optimizer._target_ == "bitsandbytes.optim.PagedAdamW32bit"
+    assert cfg.optimizer.lr == 1e-4 and cfg.trainer.gradient_clip_val == 0.3
+
+
+def test_article_experiment_pins_the_rest(tmp_path):
+    cfg = compose_config(["experiment=mistral7b_qlora_alpaca2k"], tmp_path)
+    assert (cfg.data.sequence_len, cfg.data.batch_size, cfg.data.micro_batch_size) == (8192, 1, 1)
+    assert cfg.trainer.max_epochs == 100
+    assert cfg.callbacks.model_checkpoint.save_top_k == 20
+    assert check_config(cfg) == 1
+
+
+@pytest.mark.parametrize(
+    "override", ["adapter.lora_rr=8", "data.sequenc_len=10", "trainer.max_step=3", "lr=1"]
+)
+def test_unknown_keys_are_errors(override, tmp_path):
+    with pytest.raises(ConfigCompositionException, match="not in struct|Could not override"):
+        compose_config([override], tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.batch_size=6", "data.micro_batch_size=4"], "data.batch_size=6 is not a multiple"),
+        (["data.micro_batch_size=0"], "must be at least 1"),
+        (["adapter.r=0"], "adapter.r=0"),
+        (["adapter.dropout=1.0"], "adapter.dropout"),
+        (["data.sequence_len=1"], "data.sequence_len"),
+    ],
+)
+def test_bad_values_name_their_key(overrides, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        check_config(compose_config(overrides, tmp_path))
+
+
+def test_accumulation_is_batch_over_micro_batch(tmp_path):
+    cfg = compose_config(["data.batch_size=16", "data.micro_batch_size=4"], tmp_path)
+    assert check_config(cfg) == 4
