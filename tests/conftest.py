@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,9 @@ from omegaconf import DictConfig
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-# Converted models and tokenizers go to one folder per test session, never the user's cache.
-os.environ.setdefault("LORAFIT_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "lorafit-test-cache"))
+# Converted models and tokenizers go to a fresh folder per test session, never the user's cache,
+# so every session exercises the conversions it relies on.
+os.environ["LORAFIT_CACHE"] = tempfile.mkdtemp(prefix="lorafit-test-cache-")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -25,7 +27,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 TINY = [
     "experiment=tiny",
     "trainer.log_every_n_steps=1",
-    "+trainer.enable_progress_bar=false",
+    "trainer.enable_progress_bar=false",
     "callbacks.progress_bar=null",
 ]
 

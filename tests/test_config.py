@@ -18,8 +18,15 @@ NEEDS_VALUE = {("data", "local"): ["data.datasets.0.path=rows.jsonl"]}
 
 def test_every_group_has_options():
     assert set(GROUPS) == {
-        "adapter", "callbacks", "data", "experiment", "logger", "model", "optimizer",
-        "scheduler", "trainer",
+        "adapter",
+        "callbacks",
+        "data",
+        "experiment",
+        "logger",
+        "model",
+        "optimizer",
+        "scheduler",
+        "trainer",
     }
 
 
@@ -46,7 +53,9 @@ def test_article_job_composes_to_the_article_numbers(tmp_path):
     assert quant.bnb_4bit_use_double_quant and quant.bnb_4bit_compute_dtype == torch.bfloat16
     adapter = instantiate(cfg.adapter)
     assert (adapter.config.r, adapter.config.lora_alpha, adapter.config.lora_dropout) == (
-        32, 16, 0.05
+        32,
+        16,
+        0.05,
     )
     assert adapter.config.target_modules == "all-linear"
     assert cfg.data.datasets[0].path == "mhenrichsen/alpaca_2k_test"

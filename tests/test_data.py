@@ -95,8 +95,13 @@ def test_split_is_deterministic_and_disjoint():
 
 @pytest.mark.parametrize(
     ("rows", "size", "message"),
-    [(10, 20, "no training"), (10, 0.99, "no training"), (1, 0.1, "no training"),
-     (10, -1, "val_set_size"), (10, 1.5, "val_set_size")],
+    [
+        (10, 20, "no training"),
+        (10, 0.99, "no training"),
+        (1, 0.1, "no training"),
+        (10, -1, "val_set_size"),
+        (10, 1.5, "val_set_size"),
+    ],
 )
 def test_empty_splits_are_errors(rows, size, message):
     with pytest.raises(DataError, match=message):
@@ -146,8 +151,9 @@ def test_sampler_shards_each_global_batch_across_ranks():
     ranks = [list(_sampler(counts, 8, 2, world_size=2, rank=r, drop_last=True)) for r in (0, 1)]
     assert [len(r) for r in ranks] == [4, 4]
     first_step = ranks[0][:2] + ranks[1][:2]
-    assert {t for m in first_step for _, t in m} == {sum(counts[i] for m in first_step
-                                                         for i, _ in m)}
+    assert {t for m in first_step for _, t in m} == {
+        sum(counts[i] for m in first_step for i, _ in m)
+    }
     assert len({i for r in ranks for m in r for i, _ in m}) == 16
 
 

@@ -43,8 +43,10 @@ def test_mistral_tokenizer_is_the_real_one(tokenizer):
 @pytest.mark.parametrize(
     ("row", "prompt"),
     [
-        ({"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
-         WITH_INPUT),
+        (
+            {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+            WITH_INPUT,
+        ),
         ({"instruction": "Name a primary colour.", "input": "", "output": "Red"}, WITHOUT_INPUT),
     ],
 )

@@ -13,17 +13,31 @@ from peft import PeftModel
 from conftest import TINY, compose_config, logged
 from lorafit.training import build_run, train
 
-# Regenerate: torch 2.13 CPU, transformers 5.24, peft 0.21.2, bitsandbytes 0.50.2, fp32, seed 42:
-#   python -c "..." is not needed; run the test with GOLDEN printing, e.g.
-#   pytest tests/test_training.py -k golden and read the failure's actual values.
+# Per-step train/loss of GOLDEN_RUN; fp32, seed 42, torch 2.13 CPU, transformers 5.24, peft 0.21.2,
+# bitsandbytes 0.50.2, lightning 2.6.6. To regenerate, run the test and copy the actual values
+# from the failure message:  pytest tests/test_training.py -k golden
 GOLDEN = {
-    "lora": [10.394060134887695, 10.070594787597656, 10.129509925842285, 10.078535079956055,
-             10.044997215270996],
-    "qlora": [10.3978271484375, 10.081846237182617, 10.135878562927246, 10.075043678283691,
-              10.044878959655762],
+    "lora": [
+        10.394060134887695,
+        10.121122360229492,
+        10.156268119812012,
+        10.078582763671875,
+        10.050688743591309,
+    ],
+    "qlora": [
+        10.3978271484375,
+        10.12596607208252,
+        10.158365249633789,
+        10.077045440673828,
+        10.05145263671875,
+    ],
 }
-GOLDEN_RUN = TINY + ["adapter.dropout=0.0", "trainer.max_steps=5", "data.batch_size=4",
-                     "trainer.val_check_interval=1.0"]
+GOLDEN_RUN = TINY + [
+    "adapter.dropout=0.0",
+    "trainer.max_steps=5",
+    "data.batch_size=4",
+    "trainer.val_check_interval=1.0",
+]
 
 
 @pytest.mark.parametrize("adapter", ["lora", "qlora"])
@@ -33,7 +47,7 @@ def test_golden_losses_are_the_same_for_any_accumulation(tmp_path, adapter, micr
     overrides = GOLDEN_RUN + [f"adapter={adapter}", f"data.micro_batch_size={micro_batch_size}"]
     train(compose_config(overrides, tmp_path))
     losses = logged(tmp_path, "train/loss")
-    torch.testing.assert_close(losses, GOLDEN[adapter], rtol=0, atol=1e-4)
+    torch.testing.assert_close(losses, GOLDEN[adapter], rtol=0, atol=5e-5)
     assert losses[-1] < losses[0] - 0.2
 
 
@@ -73,12 +87,16 @@ def test_exported_adapter_reloads_with_the_trained_logits(tmp_path):
 def test_checkpoints_hold_adapter_and_optimizer_and_keep_the_newest(tmp_path):
     run = _fit(
         tmp_path,
-        ["callbacks.model_checkpoint.every_n_train_steps=1",
-         "callbacks.model_checkpoint.save_top_k=2"],
+        [
+            "callbacks.model_checkpoint.every_n_train_steps=1",
+            "callbacks.model_checkpoint.save_top_k=2",
+        ],
     )
     folder = tmp_path / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "last.ckpt", "step000003.ckpt", "step000004.ckpt"
+        "last.ckpt",
+        "step000003.ckpt",
+        "step000004.ckpt",
     ]
     checkpoint = torch.load(folder / "last.ckpt", weights_only=True)
     trainable = {n for n, p in run.module.named_parameters() if p.requires_grad}

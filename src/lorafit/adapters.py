@@ -10,6 +10,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig, PreTrainedModel
 
+from lorafit.config_checks import ConfigError
+
 # Peft's shorthand for "every nn.Linear but the output head": the article's lora_target_linear.
 ALL_LINEAR = "all-linear"
 
@@ -65,7 +67,7 @@ class LoraAdapter:
         lora_model_dir: str | None = None,
     ):
         if not target_linear and not target_modules:
-            raise ValueError("adapter.target_modules is empty and adapter.target_linear is false")
+            raise ConfigError("adapter.target_modules is empty and adapter.target_linear is false")
         self.config = LoraConfig(
             r=r,
             lora_alpha=alpha,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from lorafit.errors import LorafitError
 
-class ConfigError(ValueError):
+
+class ConfigError(LorafitError, ValueError):
     """A config value that cannot work; the message names the key."""
 
 

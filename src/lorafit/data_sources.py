@@ -13,12 +13,14 @@ from typing import Any
 
 import datasets
 
+from lorafit.errors import LorafitError
+
 BUILTIN_PREFIX = "builtin:"
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 ALPACA_FIELDS = ("instruction", "input", "output")
 
 
-class DataError(ValueError):
+class DataError(LorafitError, ValueError):
     """Bad or missing training data; the message names the file, row and field."""
 
 

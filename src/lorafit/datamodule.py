@@ -101,7 +101,11 @@ class AlpacaDataModule(pl.LightningDataModule):
         if stats.truncated or stats.dropped_no_labels:
             log.warning(
                 "%s: %d of %d examples cut to sequence_len=%d, %d dropped (no response left)",
-                split, stats.truncated, len(rows), self.sequence_len, stats.dropped_no_labels,
+                split,
+                stats.truncated,
+                len(rows),
+                self.sequence_len,
+                stats.dropped_no_labels,
             )
         if not examples:
             raise DataError(

@@ -29,10 +29,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lorafit.errors import LorafitError
+
 MISTRAL_VOCAB_SIZE = 32000
 
 
-class ModelSourceError(RuntimeError):
+class ModelSourceError(LorafitError, RuntimeError):
     """A model or tokenizer could not be found or loaded; the message says which and why."""
 
 

@@ -85,7 +85,9 @@ class CausalLMModule(pl.LightningModule):
         log.info("trainable parameters: %(trainable)d of %(total)d (share %(share).5f)", counts)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).logits
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         return token_loss_sum(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])

@@ -10,6 +10,8 @@ from types import ModuleType
 
 import torch
 
+from lorafit.errors import LorafitError
+
 # Large enough to fill several quantization blocks, small enough to run in milliseconds.
 _PROBE_SHAPE = (64, 64)
 # NF4 reconstructs a standard normal tensor with about 0.1 relative error and int8 a linear layer
@@ -18,7 +20,7 @@ _MAX_4BIT_ERROR = 0.25
 _MAX_8BIT_ERROR = 0.05
 
 
-class QuantizationUnavailableError(RuntimeError):
+class QuantizationUnavailableError(LorafitError, RuntimeError):
     """An adapter asks for 4- or 8-bit quantization that bitsandbytes cannot provide here."""
 
 

