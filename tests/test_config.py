@@ -96,6 +96,11 @@ def test_bad_values_name_their_key(overrides, message, tmp_path):
         check_config(compose_config(overrides, tmp_path))
 
 
+def test_a_missing_mandatory_value_names_its_key(tmp_path):
+    with pytest.raises(ConfigError, match="data.datasets.0.path"):
+        check_config(compose_config(["data=local"], tmp_path))
+
+
 def test_accumulation_is_batch_over_micro_batch(tmp_path):
     cfg = compose_config(["data.batch_size=16", "data.micro_batch_size=4"], tmp_path)
     assert check_config(cfg) == 4

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lorafit.errors import LorafitError
 
@@ -40,6 +40,9 @@ def gradient_accumulation(cfg: DictConfig) -> int:
 
 def check_config(cfg: DictConfig) -> int:
     """Validate what can be checked from the config alone; returns the gradient accumulation."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"set {', '.join(missing)} (e.g. {missing[0]}=...): it has no value")
     if cfg.data.sequence_len < 2:
         raise ConfigError(f"data.sequence_len={cfg.data.sequence_len} must be at least 2")
     if cfg.adapter.get("r", 1) < 1:

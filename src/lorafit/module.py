@@ -67,14 +67,16 @@ class CausalLMModule(pl.LightningModule):
             return
         spec = self.hparams.model
         adapter = instantiate(self.hparams.adapter)
+        # The trainer's device, not self.device: Lightning moves the module only after this hook.
+        device = self._trainer.strategy.root_device if self._trainer else torch.device("cpu")
         if adapter.bits is not None:
-            check_bitsandbytes(self.device, adapter.bits)
+            check_bitsandbytes(device, adapter.bits)
         base = instantiate(spec["source"]).load_model(
             dtype=getattr(torch, spec["dtype"]),
             quantization_config=adapter.quantization,
             attn_implementation=spec["attn_implementation"],
             # bitsandbytes quantizes while loading, so the weights must land on the device now.
-            device_map={"": self.device} if adapter.bits is not None else None,
+            device_map={"": device} if adapter.bits is not None else None,
         )
         disable_cpu_weight_repacking(base)
         self.model = adapter.apply(base, gradient_checkpointing=spec["gradient_checkpointing"])
