@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from omegaconf import DictConfig, OmegaConf
 
 from lorafit.errors import LorafitError
@@ -40,7 +42,8 @@ def gradient_accumulation(cfg: DictConfig) -> int:
 
 def check_config(cfg: DictConfig) -> int:
     """Validate what can be checked from the config alone; returns the gradient accumulation."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    # OmegaConf spells list items key[0]; overrides on the command line spell them key.0.
+    missing = sorted(re.sub(r"\[(\d+)\]", r".\1", key) for key in OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"set {', '.join(missing)} (e.g. {missing[0]}=...): it has no value")
     if cfg.data.sequence_len < 2:
