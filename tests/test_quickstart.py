@@ -23,6 +23,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     ]
     metrics = train(compose_config(overrides, tmp_path))
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+    assert len(logged(tmp_path, "val/loss")) == 2  # the untrained baseline, then step 2
     # A pretrained model starts far below a random model's ln(49152) = 10.8.
     assert max(logged(tmp_path, "train/loss")) < 7.0
     saved = OmegaConf.load(tmp_path / "config.yaml")

@@ -66,6 +66,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fine-tune as `cfg` says and return the final logged metrics (train/loss, val/loss...)."""
     pl.seed_everything(cfg.seed, workers=True)
     run = build_run(cfg)
+    if cfg.validate_before_training:
+        # The untrained baseline, logged at step 0, so the curve shows what training changed.
+        run.trainer.validate(run.module, datamodule=run.datamodule)
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.resume_from_checkpoint)
     metrics = {name: float(value) for name, value in run.trainer.callback_metrics.items()}
     log.info("final metrics: %s", metrics)
