@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, compose_config
-from lorafit.batching import StepBatchSampler, TokenizedDataset, label_tokens, pad_collate
+from lorafit.batching import StepBatchSampler, label_tokens, pad_collate
 from lorafit.data_sources import DataError, load_alpaca
 from lorafit.datamodule import split_rows
+from lorafit.examples import TokenizedExamples
 from lorafit.model_sources import HubModel, ModelSourceError
 from lorafit.tokenization import IGNORE_INDEX
 from lorafit.training import build_run
@@ -162,7 +163,7 @@ def test_collate_pads_and_masks():
         {"input_ids": [1, 5, 6, 2], "labels": [IGNORE_INDEX, IGNORE_INDEX, 6, 2]},
         {"input_ids": [1, 7], "labels": [IGNORE_INDEX, 7]},
     ]
-    data = TokenizedDataset(examples)
+    data = TokenizedExamples.from_lists(examples)
     batch = pad_collate([data[(0, 9)], data[(1, 9)]], pad_token_id=0)
     assert batch["input_ids"].tolist() == [[1, 5, 6, 2], [1, 7, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]

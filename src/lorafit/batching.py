@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Sampler
 
 from lorafit.tokenization import IGNORE_INDEX
 
@@ -95,29 +95,16 @@ class StepBatchSampler(Sampler[list[StepItem]]):
         return sum(1 for _ in self)
 
 
-class TokenizedDataset(Dataset):
-    """Tokenized examples, indexed by `StepItem`s or plain indices."""
-
-    def __init__(self, examples: Sequence[dict[str, list[int]]]):
-        self.examples = list(examples)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, key: int | StepItem) -> dict[str, list[int] | int]:
-        index, step_tokens = key if isinstance(key, tuple) else (key, 0)
-        return {**self.examples[index], "step_tokens": step_tokens}
-
-
 def pad_collate(
-    items: Sequence[dict[str, list[int] | int]], pad_token_id: int
+    items: Sequence[dict[str, list[int] | int]], pad_token_id: int, pad_to: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch to its longest example; padding is masked from attention and loss.
+    """Right-pad a micro-batch to its longest example (or to `pad_to`); padding is masked from
+    attention and loss.
 
     `step_tokens` is the label-token count of the optimizer step the micro-batch belongs to
     (for validation batches, the batch's own count).
     """
-    longest = max(len(item["input_ids"]) for item in items)
+    longest = pad_to or max(len(item["input_ids"]) for item in items)
     input_ids = torch.full((len(items), longest), pad_token_id, dtype=torch.long)
     labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
@@ -133,4 +120,5 @@ def pad_collate(
         "labels": labels,
         "attention_mask": attention_mask,
         "step_tokens": torch.tensor(step_tokens, dtype=torch.long),
+        "real_tokens": attention_mask.sum(),
     }

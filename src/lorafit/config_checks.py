@@ -7,6 +7,7 @@ import re
 from omegaconf import DictConfig, OmegaConf
 
 from lorafit.errors import LorafitError
+from lorafit.packing import check_backend
 
 
 class ConfigError(LorafitError, ValueError):
@@ -52,4 +53,8 @@ def check_config(cfg: DictConfig) -> int:
         raise ConfigError(f"adapter.r={cfg.adapter.r} must be a positive integer")
     if not 0 <= cfg.adapter.get("dropout", 0) < 1:
         raise ConfigError(f"adapter.dropout={cfg.adapter.dropout} must be in [0, 1)")
+    if cfg.data.get("sample_packing"):
+        check_backend(cfg.model.attn_implementation)
+    if cfg.data.get("overlong", "truncate") not in ("truncate", "drop"):
+        raise ConfigError(f"data.overlong={cfg.data.overlong!r}: use truncate or drop")
     return gradient_accumulation(cfg)

@@ -6,10 +6,10 @@ batching); this class only orchestrates them and hands Lightning its loaders.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,8 +17,12 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lorafit.batching import StepBatchSampler, TokenizedDataset, label_tokens, pad_collate
+from lorafit import prepared_cache
+from lorafit.batching import StepBatchSampler, pad_collate
 from lorafit.data_sources import DataError, load_alpaca
+from lorafit.examples import PackedExamples, TokenizedExamples
+from lorafit.packing import pack_best_fit, packed_collate
+from lorafit.prepared_cache import PreparedSplit
 from lorafit.tokenization import tokenize_alpaca
 
 log = logging.getLogger(__name__)
@@ -52,11 +56,15 @@ class AlpacaDataModule(pl.LightningDataModule):
     Args:
         datasets: Sources, each `{path, type: alpaca, revision?, split?}`; `path` is a Hub id,
             a local .json / .jsonl / .parquet file, or `builtin:<name>`.
-        sequence_len: Longest example in tokens; longer ones are cut at the end.
+        sequence_len: Longest example (or packed row) in tokens.
         val_set_size: Validation share (fraction) or row count; 0 for none.
         train_on_inputs: Also learn the prompt tokens (off: only the response is learned).
-        batch_size: Examples per optimizer step over all devices.
-        micro_batch_size: Examples per forward pass on one device.
+        batch_size: Examples (packed: rows) per optimizer step over all devices.
+        micro_batch_size: Examples (packed: rows) per forward pass on one device.
+        sample_packing: Pack several examples into each row of `sequence_len` tokens.
+        pad_to_sequence_len: Pad every batch to exactly `sequence_len` (static shapes).
+        overlong: Examples longer than `sequence_len`: "truncate" (cut the end) or "drop".
+        dataset_prepared_path: Folder of the prepared-data cache; None to always tokenize.
         num_workers: DataLoader worker processes.
         seed: Drives the split and the per-epoch shuffle.
         tokenizer: Set before `setup`; loading rows does not need it.
@@ -70,6 +78,10 @@ class AlpacaDataModule(pl.LightningDataModule):
         train_on_inputs: bool,
         batch_size: int,
         micro_batch_size: int,
+        sample_packing: bool = False,
+        pad_to_sequence_len: bool = False,
+        overlong: str = "truncate",
+        dataset_prepared_path: str | None = None,
         num_workers: int = 0,
         seed: int = 42,
         tokenizer: PreTrainedTokenizerBase | None = None,
@@ -81,12 +93,15 @@ class AlpacaDataModule(pl.LightningDataModule):
         self.train_on_inputs = train_on_inputs
         self.batch_size = batch_size
         self.micro_batch_size = micro_batch_size
+        self.sample_packing = sample_packing
+        self.pad_to_sequence_len = pad_to_sequence_len
+        self.overlong = overlong
+        self.dataset_prepared_path = dataset_prepared_path
         self.num_workers = num_workers
         self.seed = seed
         self.tokenizer = tokenizer
         self.rows: tuple[list[dict[str, str]], list[dict[str, str]]] | None = None
-        self.train_set: TokenizedDataset | None = None
-        self.val_set: TokenizedDataset | None = None
+        self.splits: dict[str, PreparedSplit] | None = None
 
     def load_rows(self) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
         """Load, check and split the rows (once); raises DataError on bad data."""
@@ -94,40 +109,86 @@ class AlpacaDataModule(pl.LightningDataModule):
             self.rows = split_rows(load_alpaca(self.sources), self.val_set_size, self.seed)
         return self.rows
 
-    def _tokenize(self, rows: list[dict[str, str]], split: str) -> TokenizedDataset:
+    def settings(self) -> dict[str, Any]:
+        """Every setting that changes the prepared data (the cache key includes them all)."""
+        return {
+            "sequence_len": self.sequence_len,
+            "val_set_size": self.val_set_size,
+            "train_on_inputs": self.train_on_inputs,
+            "sample_packing": self.sample_packing,
+            "overlong": self.overlong,
+            "seed": self.seed,
+        }
+
+    def _prepare(self, rows: list[dict[str, str]], split: str) -> PreparedSplit:
         examples, stats = tokenize_alpaca(
-            rows, self.tokenizer, self.sequence_len, self.train_on_inputs
+            rows, self.tokenizer, self.sequence_len, self.train_on_inputs, self.overlong
         )
-        if stats.truncated or stats.dropped_no_labels:
+        dropped = stats.dropped_no_labels + stats.dropped_overlong
+        if stats.truncated or dropped:
             log.warning(
-                "%s: %d of %d examples cut to sequence_len=%d, %d dropped (no response left)",
+                "%s: of %d examples longer than sequence_len=%d, %d were cut and %d dropped",
                 split,
-                stats.truncated,
                 len(rows),
                 self.sequence_len,
-                stats.dropped_no_labels,
+                stats.truncated,
+                dropped,
             )
         if not examples:
             raise DataError(
                 f"the {split} split has no usable example at sequence_len={self.sequence_len}"
             )
-        return TokenizedDataset(examples)
+        flat = TokenizedExamples.from_lists(examples)
+        if not self.sample_packing:
+            return PreparedSplit(flat, None)
+        return PreparedSplit(flat, pack_best_fit(flat.lengths().tolist(), self.sequence_len))
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
+        if self.splits is not None:
             return
         if self.tokenizer is None:
             raise RuntimeError("AlpacaDataModule.tokenizer must be set before setup()")
         train_rows, val_rows = self.load_rows()
-        self.train_set = self._tokenize(train_rows, "train")
-        self.val_set = self._tokenize(val_rows, "validation") if val_rows else None
+        key = None
+        if self.dataset_prepared_path:
+            key = prepared_cache.cache_key([train_rows, val_rows], self.tokenizer, self.settings())
+            self.splits = prepared_cache.load(Path(self.dataset_prepared_path), key)
+        if self.splits is None:
+            self.splits = {"train": self._prepare(train_rows, "train")}
+            if val_rows:
+                self.splits["validation"] = self._prepare(val_rows, "validation")
+            if key is not None:
+                prepared_cache.save(Path(self.dataset_prepared_path), key, self.splits)
+        if self.sample_packing:
+            train = self.splits["train"]
+            log.info(
+                "packed %d examples into %d rows of at most %d tokens (%.1f%% filled)",
+                len(train.examples),
+                len(train.rows),
+                self.sequence_len,
+                100 * len(train.examples.input_ids) / (len(train.rows) * self.sequence_len),
+            )
 
-    def _loader(self, dataset: TokenizedDataset, train: bool) -> DataLoader:
+    def dataset(self, split: str) -> TokenizedExamples | PackedExamples | None:
+        """The examples (or packed rows) a loader of `split` iterates over."""
+        prepared = (self.splits or {}).get(split)
+        if prepared is None:
+            return None
+        if prepared.rows is None:
+            return prepared.examples
+        return PackedExamples(prepared.examples, prepared.rows)
+
+    def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pad_to = self.sequence_len if self.pad_to_sequence_len else None
+        collate = packed_collate if self.sample_packing else pad_collate
+        return collate(items, pad_token_id=self.tokenizer.pad_token_id, pad_to=pad_to)
+
+    def _loader(self, dataset: TokenizedExamples | PackedExamples, train: bool) -> DataLoader:
         trainer = self.trainer
         world_size = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
         sampler = StepBatchSampler(
-            [label_tokens(example["labels"]) for example in dataset.examples],
+            dataset.label_counts(),
             # Validation has no optimizer step: one global batch is one micro-batch per rank.
             self.batch_size if train else self.micro_batch_size * world_size,
             self.micro_batch_size,
@@ -138,15 +199,13 @@ class AlpacaDataModule(pl.LightningDataModule):
             drop_last=train and world_size > 1,
         )
         return DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=functools.partial(pad_collate, pad_token_id=self.tokenizer.pad_token_id),
-            num_workers=self.num_workers,
+            dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        return self._loader(self.dataset("train"), train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
         # An empty list tells Lightning there is no validation (val_set_size: 0).
-        return self._loader(self.val_set, train=False) if self.val_set is not None else []
+        val = self.dataset("validation")
+        return self._loader(val, train=False) if val is not None else []

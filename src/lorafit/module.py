@@ -10,27 +10,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from torchmetrics import MeanMetric
 
 from lorafit.adapters import trainable_parameters
+from lorafit.losses import token_loss_sum
+from lorafit.packing import check_isolation
 from lorafit.quantization import check_bitsandbytes, disable_cpu_weight_repacking
-from lorafit.tokenization import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross entropy over labelled positions, and how many there were."""
-    targets = labels[:, 1:].reshape(-1)
-    losses = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-        targets,
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return losses, int((targets != IGNORE_INDEX).sum())
 
 
 class CausalLMModule(pl.LightningModule):
@@ -86,13 +74,31 @@ class CausalLMModule(pl.LightningModule):
         counts = trainable_parameters(self.model)
         log.info("trainable parameters: %(trainable)d of %(total)d (share %(share).5f)", counts)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits. Packed batches come with restarting `position_ids` and no attention mask."""
         return self.model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            # A KV cache would switch off the packed-sequence mask; training never needs one.
+            use_cache=False,
         ).logits
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        return token_loss_sum(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        return token_loss_sum(logits, batch["labels"])
+
+    def on_fit_start(self) -> None:
+        # Prove on real rows, with this model and attention backend, that packed examples do
+        # not see each other, before any step is spent.
+        datamodule = self.trainer.datamodule
+        if getattr(datamodule, "sample_packing", False):
+            check_isolation(self, datamodule.dataset("train"), datamodule.collate)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self._step_started is None:
@@ -100,7 +106,7 @@ class CausalLMModule(pl.LightningModule):
         loss_sum, _ = self._loss_sum(batch)
         loss = loss_sum / batch["step_tokens"]
         self._step_loss += loss.item()
-        self._step_tokens += int(batch["attention_mask"].sum())
+        self._step_tokens += int(batch["real_tokens"])
         # Lightning divides by accumulate_grad_batches and DDP averages over ranks; both are
         # undone so the step's gradient is that of the mean over the global batch's tokens.
         return loss * self.trainer.accumulate_grad_batches * self.trainer.world_size

@@ -19,6 +19,7 @@ class TokenizeStats:
     examples: int = 0
     truncated: int = 0
     dropped_no_labels: int = 0
+    dropped_overlong: int = 0
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -35,14 +36,18 @@ def tokenize_alpaca(
     tokenizer: PreTrainedTokenizerBase,
     sequence_len: int,
     train_on_inputs: bool = False,
+    overlong: str = "truncate",
 ) -> tuple[list[dict[str, list[int]]], TokenizeStats]:
     """Tokenize alpaca rows into `input_ids` and `labels`, EOS appended.
 
     The whole prompt + response is tokenized in one piece, so the response tokens are the ones
     the model sees at inference after the same prompt. Labels copy the ids except over the
     prompt (unless `train_on_inputs`), where they are IGNORE_INDEX. Examples longer than
-    `sequence_len` are cut at the end; one whose response is cut away entirely is dropped.
+    `sequence_len` are cut at the end (`overlong="truncate"`) or left out (`"drop"`); one whose
+    response is cut away entirely is dropped.
     """
+    if overlong not in ("truncate", "drop"):
+        raise ValueError(f"data.overlong={overlong!r}: use 'truncate' or 'drop'")
     prompts, responses = zip(*(format_alpaca(row) for row in rows), strict=True)
     prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     full_ids = tokenizer(
@@ -56,6 +61,9 @@ def tokenize_alpaca(
         n_prompt = _common_prefix(prompt, full)
         labels = ids.copy() if train_on_inputs else [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
         if len(ids) > sequence_len:
+            if overlong == "drop":
+                stats.dropped_overlong += 1
+                continue
             ids, labels = ids[:sequence_len], labels[:sequence_len]
             stats.truncated += 1
         # The first position never has a target: logits at t predict the label at t + 1.

@@ -1,0 +1,182 @@
+"""Sample packing: several examples share one row, and never see each other.
+
+Short instruction examples padded to a common length waste most of a batch on padding.
+Packing fills each row with whole examples instead (best-fit decreasing, never splitting one),
+and keeps them apart: position ids restart at 0 for every example, and with no attention mask
+transformers turns the restarts into a block-diagonal causal mask. For a row holding examples
+A (3 tokens), B (2 tokens) and C (3 tokens), padded to 10:
+
+    tokens        a0 a1 a2 b0 b1 c0 c1 c2 __ __
+    position_ids   0  1  2  0  1  0  1  2  0  1     <- restarts mark the boundaries
+    labels         -  l  l  -  l  -  l  l  -  -     <- each example's first token never
+                                                       learns from its predecessor's last
+    attention (row = query, x = may attend):
+        a0  x
+        a1  x x
+        a2  x x x
+        b0        x
+        b1        x x
+        c0            x
+        c1            x x
+        c2            x x x
+        __                  x          padding is one more "example", ignored by the loss
+        __                  x x
+
+The loss of a packed row therefore equals the sum of the examples' losses run one by one;
+`check_isolation` proves it on real rows before training starts.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from lorafit.errors import LorafitError
+from lorafit.losses import token_loss_sum
+from lorafit.tokenization import IGNORE_INDEX
+
+# Attention implementations that isolate packed examples given restarted position ids and no
+# mask: the mask builders of sdpa and eager, and flash-attention's varlen kernels.
+ISOLATING_BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+class PackingError(LorafitError):
+    """Packing was asked for in a setting that cannot keep examples apart."""
+
+
+def check_backend(attn_implementation: str) -> None:
+    """Refuse an attention implementation that would let packed examples attend to each other."""
+    if attn_implementation not in ISOLATING_BACKENDS:
+        raise PackingError(
+            f"model.attn_implementation={attn_implementation!r} cannot isolate packed examples; "
+            f"use one of {', '.join(ISOLATING_BACKENDS)} or set data.sample_packing=false"
+        )
+
+
+def pack_best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Group example indices into rows of at most `capacity` tokens (best-fit decreasing).
+
+    Longest examples first, each into the fullest row that still has room for it. The result
+    never needs more than ceil(total / capacity) + 1 rows on typical data, and runs in
+    O(n log n): open rows are kept sorted by free space, so the best fit is one bisection.
+    """
+    if any(n > capacity for n in lengths):
+        raise ValueError(f"an example is longer than the row capacity {capacity}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    free: list[int] = []  # free space of the open rows, ascending
+    row_of_free: list[int] = []  # the row index at the same position
+    rows: list[list[int]] = []
+    for index in order:
+        size = lengths[index]
+        at = bisect.bisect_left(free, size)
+        if at == len(free):
+            rows.append([index])
+            row, left = len(rows) - 1, capacity - size
+        else:
+            row, left = row_of_free.pop(at), free.pop(at) - size
+            rows[row].append(index)
+        if left > 0:
+            at = bisect.bisect_left(free, left)
+            free.insert(at, left)
+            row_of_free.insert(at, row)
+    return rows
+
+
+def pack_row(examples: Sequence[dict[str, list[int]]]) -> dict[str, list[int]]:
+    """Concatenate examples into one row with restarting position ids."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position_ids: list[int] = []
+    for example in examples:
+        input_ids += example["input_ids"]
+        # Unpacked, an example's first label is never used (logits at t predict label t + 1);
+        # packed, it would be predicted from the previous example's last token.
+        labels += [IGNORE_INDEX, *example["labels"][1:]]
+        position_ids += range(len(example["input_ids"]))
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def packed_collate(
+    rows: Sequence[dict[str, list[int] | int]], pad_token_id: int, pad_to: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Stack packed rows, padded to `pad_to` (static shapes) or to the longest row.
+
+    Padding gets position ids of its own, restarting at 0, so it forms a separate block that
+    no real token attends to; there is no attention mask, which is what makes transformers
+    derive the block-diagonal mask from the position ids.
+    """
+    width = pad_to or max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    real_tokens = 0
+    for r, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[r, :n] = torch.tensor(row["input_ids"])
+        labels[r, :n] = torch.tensor(row["labels"])
+        position_ids[r, :n] = torch.tensor(row["position_ids"])
+        position_ids[r, n:] = torch.arange(width - n)
+        real_tokens += n
+    own = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "step_tokens": torch.tensor(rows[0]["step_tokens"] or own, dtype=torch.long),
+        "real_tokens": torch.tensor(real_tokens, dtype=torch.long),
+    }
+
+
+def check_isolation(
+    module: torch.nn.Module,
+    packed: Any,
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    rows: int = 2,
+) -> float:
+    """Compare each example's loss inside packed rows with its loss run alone.
+
+    Uses the first `rows` rows that hold several examples. Raises PackingError when any
+    example differs by more than the tolerance of the model's dtype (fp32: 1e-4 relative):
+    a leak makes later examples in a row condition on earlier ones. Returns the largest
+    relative difference.
+    """
+    candidates = [i for i, row in enumerate(packed.rows) if len(row) > 1][:rows]
+    if not candidates:
+        return 0.0
+    dtype = next(module.parameters()).dtype
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    device = next(module.parameters()).device
+    was_training = module.training
+    module.eval()
+    worst = 0.0
+    try:
+        with torch.no_grad():
+            for index in candidates:
+                batch = {k: v.to(device) for k, v in collate([packed[index]]).items()}
+                logits = module(batch["input_ids"], position_ids=batch["position_ids"])
+                starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+                for member, start in zip(packed.rows[index], starts, strict=False):
+                    alone = packed.examples.example(member)
+                    ids = torch.tensor([alone["input_ids"]], device=device)
+                    labels = torch.tensor([alone["labels"]], device=device)
+                    end = start + ids.shape[1]
+                    inside, _ = token_loss_sum(logits[:, start:end], labels)
+                    single, _ = token_loss_sum(
+                        module(ids, attention_mask=torch.ones_like(ids)), labels
+                    )
+                    error = abs(inside.item() - single.item()) / max(abs(single.item()), 1e-6)
+                    worst = max(worst, error)
+                    if error > tolerance:
+                        raise PackingError(
+                            f"packed examples are not isolated: example {member} has loss "
+                            f"{inside.item():.6f} inside packed row {index} but "
+                            f"{single.item():.6f} alone (relative error {error:.2e} > "
+                            f"{tolerance:g}); check model.attn_implementation, or set "
+                            "data.sample_packing=false"
+                        )
+    finally:
+        module.train(was_training)
+    return worst
