@@ -104,3 +104,19 @@ def test_checkpoints_hold_adapter_and_optimizer_and_keep_the_newest(tmp_path):
     assert all("lora_" in name for name in trainable)
     assert len(checkpoint["optimizer_states"][0]["state"]) == len(trainable)
     assert checkpoint["global_step"] == 4
+
+
+def test_the_same_seed_gives_the_same_losses_with_dropout(tmp_path):
+    runs = []
+    for name in ("first", "second"):
+        train(
+            compose_config([*TINY, "adapter.dropout=0.1", "trainer.max_steps=4"], tmp_path / name)
+        )
+        runs.append(logged(tmp_path / name, "train/loss"))
+    assert runs[0] == runs[1]
+    train(
+        compose_config(
+            [*TINY, "adapter.dropout=0.1", "trainer.max_steps=4", "seed=7"], tmp_path / "other"
+        )
+    )
+    assert logged(tmp_path / "other", "train/loss") != runs[0]

@@ -59,13 +59,10 @@ class CausalLMModule(pl.LightningModule):
         device = self._trainer.strategy.root_device if self._trainer else torch.device("cpu")
         if adapter.bits is not None:
             check_bitsandbytes(device, adapter.bits)
-        base = instantiate(spec["source"]).load_model(
-            dtype=getattr(torch, spec["dtype"]),
-            quantization_config=adapter.quantization,
-            attn_implementation=spec["attn_implementation"],
-            # bitsandbytes quantizes while loading, so the weights must land on the device now.
-            device_map={"": device} if adapter.bits is not None else None,
-        )
+        # Loading may draw from the global RNG a varying number of times (weight init it then
+        # overwrites); isolating it keeps adapter init and dropout the same for the same seed.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            base = self._load_base(spec, adapter, device)
         disable_cpu_weight_repacking(base)
         self.model = adapter.apply(base, gradient_checkpointing=spec["gradient_checkpointing"])
         # from_pretrained returns eval mode, and Lightning keeps the modes it finds: without
@@ -73,6 +70,16 @@ class CausalLMModule(pl.LightningModule):
         self.model.train()
         counts = trainable_parameters(self.model)
         log.info("trainable parameters: %(trainable)d of %(total)d (share %(share).5f)", counts)
+
+    @staticmethod
+    def _load_base(spec: dict[str, Any], adapter: Any, device: torch.device) -> torch.nn.Module:
+        return instantiate(spec["source"]).load_model(
+            dtype=getattr(torch, spec["dtype"]),
+            quantization_config=adapter.quantization,
+            attn_implementation=spec["attn_implementation"],
+            # bitsandbytes quantizes while loading, so the weights must land on the device now.
+            device_map={"": device} if adapter.bits is not None else None,
+        )
 
     def forward(
         self,
