@@ -68,6 +68,7 @@ def test_article_job_composes_to_the_article_numbers(tmp_path):
 def test_article_experiment_pins_the_rest(tmp_path):
     cfg = compose_config(["experiment=mistral7b_qlora_alpaca2k"], tmp_path)
     assert (cfg.data.sequence_len, cfg.data.batch_size, cfg.data.micro_batch_size) == (8192, 1, 1)
+    assert cfg.data.sample_packing and cfg.data.pad_to_sequence_len
     assert cfg.trainer.max_epochs == 100
     assert cfg.callbacks.model_checkpoint.save_top_k == 20
     assert check_config(cfg) == 1

@@ -19,7 +19,7 @@ from lorafit.module import CausalLMModule
 from lorafit.packing import (
     PackingError,
     check_isolation,
-    pack_best_fit,
+    pack_rows,
     pack_row,
     packed_collate,
 )
@@ -31,7 +31,7 @@ from lorafit.training import train
 def test_best_fit_never_splits_or_loses_an_example(capacity, longest):
     rng = random.Random(capacity)
     lengths = [rng.randint(1, longest) for _ in range(3000)]
-    rows = pack_best_fit(lengths, capacity)
+    rows = pack_rows(lengths, capacity)
     members = sorted(i for row in rows for i in row)
     assert members == list(range(len(lengths)))  # each example exactly once: none split
     assert all(sum(lengths[i] for i in row) <= capacity for row in rows)
@@ -41,7 +41,7 @@ def test_best_fit_never_splits_or_loses_an_example(capacity, longest):
 
 def test_an_example_longer_than_a_row_is_refused():
     with pytest.raises(ValueError, match="longer than the row capacity"):
-        pack_best_fit([5, 11], 10)
+        pack_rows([5, 11], 10)
 
 
 def test_packed_row_restarts_positions_and_masks_each_first_label():
@@ -88,7 +88,7 @@ def _module(attn: str, checkpointing: bool) -> CausalLMModule:
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_loss_and_logits_equal_examples_run_alone(demo_examples, attn, checkpointing, mode):
     module = _module(attn, checkpointing).train(mode == "train")
-    packed = PackedExamples(demo_examples, pack_best_fit(demo_examples.lengths().tolist(), 256))
+    packed = PackedExamples(demo_examples, pack_rows(demo_examples.lengths().tolist(), 256))
     row = next(i for i, r in enumerate(packed.rows) if len(r) >= 3)
     batch = packed_collate([packed[row]], pad_token_id=0, pad_to=256)
     with torch.set_grad_enabled(mode == "train"):
@@ -110,7 +110,7 @@ def test_packed_loss_and_logits_equal_examples_run_alone(demo_examples, attn, ch
 
 def test_packed_gradients_equal_the_sum_over_examples(demo_examples):
     module = _module("sdpa", checkpointing=False)
-    packed = PackedExamples(demo_examples, pack_best_fit(demo_examples.lengths().tolist(), 256))
+    packed = PackedExamples(demo_examples, pack_rows(demo_examples.lengths().tolist(), 256))
     row = next(i for i, r in enumerate(packed.rows) if len(r) >= 3)
     batch = packed_collate([packed[row]], pad_token_id=0)
     lora = [p for p in module.parameters() if p.requires_grad]
@@ -135,7 +135,7 @@ class _IgnoresPositions(CausalLMModule):
 
 
 def test_the_preflight_passes_isolation_and_stops_a_leak(demo_examples):
-    packed = PackedExamples(demo_examples, pack_best_fit(demo_examples.lengths().tolist(), 256))
+    packed = PackedExamples(demo_examples, pack_rows(demo_examples.lengths().tolist(), 256))
 
     def collate(items):
         return packed_collate(items, pad_token_id=0)

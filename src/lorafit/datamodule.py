@@ -21,7 +21,7 @@ from lorafit import prepared_cache
 from lorafit.batching import StepBatchSampler, pad_collate
 from lorafit.data_sources import DataError, load_alpaca
 from lorafit.examples import PackedExamples, TokenizedExamples
-from lorafit.packing import pack_best_fit, packed_collate
+from lorafit.packing import pack_rows, packed_collate
 from lorafit.prepared_cache import PreparedSplit
 from lorafit.tokenization import tokenize_alpaca
 
@@ -142,7 +142,7 @@ class AlpacaDataModule(pl.LightningDataModule):
         flat = TokenizedExamples.from_lists(examples)
         if not self.sample_packing:
             return PreparedSplit(flat, None)
-        return PreparedSplit(flat, pack_best_fit(flat.lengths().tolist(), self.sequence_len))
+        return PreparedSplit(flat, pack_rows(flat.lengths().tolist(), self.sequence_len))
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
