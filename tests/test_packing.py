@@ -19,8 +19,8 @@ from lorafit.module import CausalLMModule
 from lorafit.packing import (
     PackingError,
     check_isolation,
-    pack_rows,
     pack_row,
+    pack_rows,
     packed_collate,
 )
 from lorafit.tokenization import IGNORE_INDEX, tokenize_alpaca
