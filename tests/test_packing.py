@@ -57,6 +57,14 @@ def test_packed_row_restarts_positions_and_masks_each_first_label():
     assert int(batch["real_tokens"]) == 5 and "attention_mask" not in batch
 
 
+def test_packed_rows_conserve_every_token(demo_examples):
+    packed = PackedExamples(demo_examples, pack_rows(demo_examples.lengths().tolist(), 256))
+    rows = [packed[i] for i in range(len(packed))]
+    assert sum(len(r["input_ids"]) for r in rows) == len(demo_examples.input_ids)
+    assert sorted(t for r in rows for t in r["input_ids"]) == sorted(demo_examples.input_ids)
+    assert len(packed) < len(demo_examples)
+
+
 @pytest.fixture(scope="module")
 def demo_examples() -> TokenizedExamples:
     rows = load_alpaca([{"path": "builtin:demo_alpaca"}])[:24]
@@ -171,3 +179,15 @@ def test_packed_training_runs_with_static_shapes_and_a_tiny_validation_split(tmp
     assert len(logged(tmp_path, "val/loss")) == 2
     assert logged(tmp_path, "train/loss")[-1] < logged(tmp_path, "train/loss")[0]
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+
+
+@pytest.mark.gpu
+def test_flash_attention_varlen_isolates_packed_examples(demo_examples):
+    pytest.importorskip("flash_attn")
+    module = _module("flash_attention_2", False, ("model.dtype=bfloat16",)).cuda()
+    packed = PackedExamples(demo_examples, pack_rows(demo_examples.lengths().tolist(), 256))
+
+    def collate(items):
+        return packed_collate(items, pad_token_id=0)
+
+    assert check_isolation(module, packed, collate) < 2e-2
