@@ -49,6 +49,8 @@ class CausalLMModule(pl.LightningModule):
         self._step_loss = 0.0
         self._step_tokens = 0
         self._step_started: float | None = None
+        # Where configure_model puts quantized weights when no trainer is attached (eval tools).
+        self.load_device = torch.device("cpu")
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -56,7 +58,7 @@ class CausalLMModule(pl.LightningModule):
         spec = self.hparams.model
         adapter = instantiate(self.hparams.adapter)
         # The trainer's device, not self.device: Lightning moves the module only after this hook.
-        device = self._trainer.strategy.root_device if self._trainer else torch.device("cpu")
+        device = self._trainer.strategy.root_device if self._trainer else self.load_device
         if adapter.bits is not None:
             check_bitsandbytes(device, adapter.bits)
         # Loading may draw from the global RNG a varying number of times (weight init it then

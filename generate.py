@@ -1,0 +1,42 @@
+"""Answer one prompt with a trained adapter (or the base model), in the training template.
+
+    python generate.py ckpt=outputs/runs/<run> +prompt="What is the capital of France?"
+    python generate.py ckpt=none experiment=quickstart +prompt="Classify: great film!" \\
+        +input="" eval.do_sample=true eval.temperature=0.7
+"""
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from lorafit.errors import LorafitError
+from lorafit.evaluation import generate, load_trained
+from lorafit.prompts import alpaca_prompt
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    if "prompt" not in cfg:
+        sys.exit('give the instruction as +prompt="..." (and optionally +input="...")')
+    try:
+        cfg, module, datamodule, _ = load_trained(cfg, HydraConfig.get().overrides.task)
+    except LorafitError as error:
+        logging.getLogger("lorafit").error("%s", error)
+        sys.exit(2)
+    prompt = alpaca_prompt(str(cfg.prompt), str(cfg.get("input") or ""))
+    (answer,) = generate(
+        module,
+        datamodule.tokenizer,
+        [prompt],
+        cfg.eval.max_new_tokens,
+        cfg.eval.do_sample,
+        cfg.eval.temperature,
+    )
+    print(answer)
+
+
+if __name__ == "__main__":
+    main()

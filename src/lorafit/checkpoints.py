@@ -1,0 +1,152 @@
+"""What `ckpt=` names, and how its weights get into a freshly built model.
+
+`ckpt` may be a run folder (outputs/runs/...), its `adapter/` folder (peft format), a
+Lightning `.ckpt` file, or `none` for the bare base model. Weights load with
+`weights_only=True` or from safetensors: nothing in a checkpoint file is executed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from peft import set_peft_model_state_dict
+from peft.utils import load_peft_weights
+
+from lorafit.errors import LorafitError
+
+# What a run folder's own config supplies to eval unless the command line overrides: the
+# trainer too, so validation runs at the precision training used.
+RUN_KEYS = ("model", "adapter", "data", "trainer", "seed")
+
+
+class CheckpointError(LorafitError):
+    """A checkpoint that does not exist, is not one lorafit can read, or does not fit the model."""
+
+
+@dataclass
+class Checkpoint:
+    """A resolved `ckpt=` value.
+
+    Attributes:
+        kind: "none" (base model), "lightning" (a .ckpt file) or "adapter" (a peft folder).
+        path: The file or folder holding the weights; None for "none".
+        run_dir: The training run the weights came from, when known.
+    """
+
+    kind: str
+    path: Path | None = None
+    run_dir: Path | None = None
+
+    @property
+    def run_config(self) -> DictConfig | None:
+        if self.run_dir is None:
+            return None
+        return OmegaConf.load(self.run_dir / "config.yaml")
+
+
+def _run_of(folder: Path) -> Path | None:
+    return folder if (folder / "config.yaml").is_file() else None
+
+
+def resolve(ckpt: str | None) -> Checkpoint:
+    """Classify `ckpt`; raises CheckpointError naming the path when it cannot be used."""
+    if ckpt is None or str(ckpt).lower() == "none":
+        return Checkpoint("none")
+    path = Path(str(ckpt)).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"ckpt={ckpt}: no such file or folder")
+    if path.is_file():
+        if path.suffix != ".ckpt":
+            raise CheckpointError(f"ckpt={ckpt}: expected a .ckpt file, an adapter or run folder")
+        return Checkpoint("lightning", path, _run_of(path.parent.parent))
+    if (path / "adapter_config.json").is_file():
+        return Checkpoint("adapter", path, _run_of(path.parent))
+    if _run_of(path):
+        if (path / "adapter" / "adapter_config.json").is_file():
+            return Checkpoint("adapter", path / "adapter", path)
+        last = path / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            return Checkpoint("lightning", last, path)
+        raise CheckpointError(f"ckpt={ckpt}: the run folder has neither adapter/ nor checkpoints/")
+    raise CheckpointError(
+        f"ckpt={ckpt}: not a run folder (config.yaml), an adapter folder "
+        "(adapter_config.json) or a Lightning .ckpt file"
+    )
+
+
+def overridden_keys(overrides: list[str]) -> set[str]:
+    """Top-level config keys a list of command-line overrides touches."""
+    keys = {o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] for o in overrides}
+    if "experiment" in keys:
+        keys |= {"model", "adapter", "data"}
+    return keys
+
+
+def merge_run_config(cfg: DictConfig, checkpoint: Checkpoint, overrides: list[str]) -> DictConfig:
+    """The composed config with model, adapter, data and seed taken from the checkpoint's run,
+    except where the command line set them; an adapter folder's own shape wins over both."""
+    merged = cfg.copy()
+    OmegaConf.set_struct(merged, False)
+    run = checkpoint.run_config
+    if run is not None:
+        touched = overridden_keys(overrides)
+        for key in RUN_KEYS:
+            if key not in touched and key in run:
+                merged[key] = run[key]
+    if checkpoint.kind == "adapter":
+        saved = json.loads((checkpoint.path / "adapter_config.json").read_text())
+        targets = saved["target_modules"]
+        merged.adapter.update(
+            r=saved["r"],
+            alpha=saved["lora_alpha"],
+            target_linear=False,
+            target_modules=sorted(targets) if isinstance(targets, list) else [targets],
+            fan_in_fan_out=saved.get("fan_in_fan_out", False),
+        )
+    OmegaConf.set_struct(merged, True)
+    return merged
+
+
+def load_weights(module: torch.nn.Module, checkpoint: Checkpoint) -> None:
+    """Put the checkpoint's trained weights into `module` (a configured CausalLMModule)."""
+    if checkpoint.kind == "none":
+        return  # a fresh LoRA adapter has B = 0: the model is exactly the base
+    if checkpoint.kind == "lightning":
+        state = torch.load(checkpoint.path, map_location="cpu", weights_only=True)["state_dict"]
+        expected = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        _check_match(checkpoint, set(state), set(expected))
+        for name, tensor in state.items():
+            if tensor.shape != expected[name].shape:
+                raise CheckpointError(
+                    f"ckpt={checkpoint.path}: {name} has shape {tuple(tensor.shape)}, the model "
+                    f"expects {tuple(expected[name].shape)}: the adapter does not fit this base"
+                )
+        module.load_state_dict(state, strict=False)
+        return
+    weights = load_peft_weights(str(checkpoint.path), device="cpu")
+    try:
+        result = set_peft_model_state_dict(module.model, weights)
+    except RuntimeError as error:  # size mismatches
+        raise CheckpointError(
+            f"ckpt={checkpoint.path}: the adapter does not fit this base model: {error}"
+        ) from error
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise CheckpointError(
+            f"ckpt={checkpoint.path}: the adapter does not fit this base model (unexpected: "
+            f"{result.unexpected_keys[:3]}, missing: {missing[:3]})"
+        )
+
+
+def _check_match(checkpoint: Checkpoint, found: set[str], expected: set[str]) -> None:
+    if found != expected:
+        raise CheckpointError(
+            f"ckpt={checkpoint.path}: the adapter does not fit this base model: "
+            f"{len(expected - found)} expected weights missing (e.g. "
+            f"{sorted(expected - found)[:2]}), {len(found - expected)} unexpected (e.g. "
+            f"{sorted(found - expected)[:2]})"
+        )

@@ -1,0 +1,243 @@
+"""The evaluation report: loss curves, a before/after bar chart and a markdown summary.
+
+Plots are drawn with matplotlib's Agg backend, chosen here before pyplot is imported, so they
+render on a headless machine (no display, no GUI toolkit).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # must precede the pyplot import; no display is needed or wanted
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+_CELL_LIMIT = 300  # longest sample cell, in characters, before it is shortened with an ellipsis
+
+
+def _read_loss_series(metrics_csv: Path, column: str) -> tuple[list[float], list[float]]:
+    """The (steps, values) of one column of a CSVLogger metrics.csv, skipping empty cells."""
+    steps: list[float] = []
+    values: list[float] = []
+    with Path(metrics_csv).open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            raw_value = (row.get(column) or "").strip()
+            raw_step = (row.get("step") or "").strip()
+            if not raw_value or not raw_step:
+                continue
+            try:
+                value, step = float(raw_value), float(raw_step)
+            except ValueError:
+                continue
+            if math.isfinite(value):
+                steps.append(step)
+                values.append(value)
+    return steps, values
+
+
+def plot_loss_curves(metrics_csv: Path, out_png: Path) -> Path | None:
+    """Plot `train/loss` and `val/loss` against `step` from a Lightning CSVLogger metrics.csv.
+
+    Lightning writes one row per logging call, so most cells of a column are empty; a column that
+    was never logged (no validation, say) is simply missing. Both are skipped.
+
+    Args:
+        metrics_csv: The CSVLogger's metrics.csv.
+        out_png: Where to write the figure; parent folders are created.
+
+    Returns:
+        `out_png`, or None (nothing written) when the file holds no loss value at all.
+    """
+    train_steps, train_loss = _read_loss_series(metrics_csv, "train/loss")
+    val_steps, val_loss = _read_loss_series(metrics_csv, "val/loss")
+    if not train_loss and not val_loss:
+        return None
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    try:
+        if train_loss:
+            ax.plot(train_steps, train_loss, label="train/loss", linewidth=1.2)
+        if val_loss:
+            ax.plot(val_steps, val_loss, marker="o", linestyle="-", label="val/loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title("Training and validation loss")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        out_png = Path(out_png)
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_png, dpi=120)
+    finally:
+        plt.close(fig)
+    return out_png
+
+
+def plot_before_after(
+    before: Mapping[str, float], after: Mapping[str, float], out_png: Path, keys: Sequence[str]
+) -> Path:
+    """Grouped bars, "base model" next to "fine-tuned", for each of `keys` present in both.
+
+    Args:
+        before: Metrics of the base model.
+        after: Metrics of the fine-tuned model.
+        out_png: Where to write the figure; parent folders are created.
+        keys: The metrics to show, in this order; those missing from either mapping are skipped.
+
+    Returns:
+        `out_png`.
+
+    Raises:
+        ValueError: If none of `keys` is in both mappings.
+    """
+    shown = [key for key in keys if key in before and key in after]
+    if not shown:
+        raise ValueError(f"none of the metrics {list(keys)!r} is in both before and after")
+
+    width = 0.38
+    xs = range(len(shown))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(shown) + 2), 4.5))
+    try:
+        base = ax.bar(
+            [x - width / 2 for x in xs],
+            [float(before[k]) for k in shown],
+            width,
+            label="base model",
+        )
+        tuned = ax.bar(
+            [x + width / 2 for x in xs],
+            [float(after[k]) for k in shown],
+            width,
+            label="fine-tuned",
+        )
+        ax.bar_label(base, fmt="%.4f", padding=2, fontsize=8)
+        ax.bar_label(tuned, fmt="%.4f", padding=2, fontsize=8)
+        ax.set_xticks(list(xs), shown)
+        ax.set_ylabel("value")
+        ax.set_title("Base model vs fine-tuned")
+        ax.margins(y=0.15)  # room above the tallest bar for its label
+        ax.legend()
+        fig.tight_layout()
+        out_png = Path(out_png)
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_png, dpi=120)
+    finally:
+        plt.close(fig)
+    return out_png
+
+
+def _format_value(value: object) -> str:
+    """Floats to 4 decimal places, everything else (counts, strings) as is."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    return f"{value:.4f}"
+
+
+def _format_change(before: object, after: object) -> str:
+    """`after - before` with its sign, or empty when either is not a number."""
+    numbers = (int, float)
+    if not isinstance(before, numbers) or not isinstance(after, numbers):
+        return ""
+    if isinstance(before, bool) or isinstance(after, bool):
+        return ""
+    change = after - before
+    if isinstance(change, int):
+        return f"{change:+d}"
+    return f"{change:+.4f}"
+
+
+def _cell(text: object) -> str:
+    """One markdown table cell: shortened, `|` escaped, newlines as `<br>`."""
+    text = str(text)
+    if len(text) > _CELL_LIMIT:
+        text = text[: _CELL_LIMIT - 1].rstrip() + "…"
+    text = text.replace("\\", "\\\\").replace("|", "\\|")
+    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "<br>")
+
+
+def _row(cells: Sequence[object]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def write_report(
+    out_md: Path,
+    title: str,
+    metrics: Mapping[str, float],
+    samples: Sequence[Mapping[str, str]],
+    images: Sequence[Path] = (),
+    before: Mapping[str, float] | None = None,
+) -> Path:
+    """Write the evaluation report as markdown.
+
+    Args:
+        out_md: Where to write it; parent folders are created.
+        title: The level-1 heading.
+        metrics: The fine-tuned model's metrics, shown in this order.
+        samples: Rows with `prompt`, `reference` and `generation` (a missing key is an empty cell).
+        images: PNGs to embed, linked relative to the report's folder (absolute when they are
+            on another drive and no relative path exists).
+        before: The base model's metrics; when given the table gains "base model" and "change"
+            columns (a metric the base model lacks gets empty cells there).
+
+    Returns:
+        `out_md`.
+    """
+    out_md = Path(out_md)
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", "", "## Metrics", ""]
+    if before is None:
+        lines += [_row(["metric", "value"]), _row(["---", "---:"])]
+        lines += [_row([_cell(k), _format_value(v)]) for k, v in metrics.items()]
+    else:
+        lines += [
+            _row(["metric", "base model", "fine-tuned", "change"]),
+            _row(["---", "---:", "---:", "---:"]),
+        ]
+        for key, value in metrics.items():
+            old = before.get(key)
+            lines.append(
+                _row(
+                    [
+                        _cell(key),
+                        "" if old is None else _format_value(old),
+                        _format_value(value),
+                        "" if old is None else _format_change(old, value),
+                    ]
+                )
+            )
+    lines.append("")
+
+    if images:
+        lines += ["## Plots", ""]
+        for image in images:
+            link = _relative_link(Path(image), out_md.parent)
+            lines += [f"![{Path(image).stem}]({link})", ""]
+
+    lines += ["## Samples", ""]
+    if samples:
+        lines += [_row(["prompt", "reference", "generation"]), _row(["---", "---", "---"])]
+        for sample in samples:
+            lines.append(
+                _row([_cell(sample.get(k, "")) for k in ("prompt", "reference", "generation")])
+            )
+    else:
+        lines.append("_No samples._")
+    lines.append("")
+
+    out_md.write_text("\n".join(lines), encoding="utf-8")
+    return out_md
+
+
+def _relative_link(image: Path, base: Path) -> str:
+    """`image` relative to `base`, with forward slashes and spaces escaped for markdown."""
+    try:
+        link = os.path.relpath(image.resolve(), base.resolve())
+    except ValueError:  # different drives on Windows: no relative path exists
+        link = str(image.resolve())
+    return Path(link).as_posix().replace(" ", "%20")

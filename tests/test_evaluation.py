@@ -1,0 +1,97 @@
+"""eval.py and export.py on the tiny Mistral: evaluation reproduces training's validation loss,
+writes its report, compares with a base-model run, and the merged export keeps the logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import TINY, compose_config, logged
+from lorafit.checkpoints import CheckpointError
+from lorafit.evaluation import EvaluationError, evaluate, load_trained
+from lorafit.export import export
+from lorafit.training import train
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+EVAL = ["eval.max_samples=6", "eval.max_new_tokens=4"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    train(compose_config(TINY, run))
+    return run
+
+
+def _evaluate(out: Path, ckpt: str | Path, *overrides: str) -> dict:
+    extra = [*EVAL, *overrides]
+    return evaluate(compose_config([f"ckpt={ckpt}", *extra], out), extra)
+
+
+@pytest.mark.parametrize("target", ["run", "adapter", "last.ckpt"])
+def test_eval_reproduces_the_final_validation_loss(trained_run, tmp_path, target):
+    ckpt = {
+        "run": trained_run,
+        "adapter": trained_run / "adapter",
+        "last.ckpt": trained_run / "checkpoints" / "last.ckpt",
+    }[target]
+    metrics = _evaluate(tmp_path, ckpt)
+    assert metrics["val/loss"] == pytest.approx(logged(trained_run, "val/loss")[-1], abs=1e-4)
+    assert metrics["samples"] == 6 and 0 <= metrics["exact_match"] <= 1
+
+
+def test_eval_writes_metrics_report_and_plots(trained_run, tmp_path):
+    metrics = _evaluate(tmp_path, trained_run)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    png = tmp_path / "loss_curves.png"
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    report = (tmp_path / "report.md").read_text()
+    assert "loss_curves.png" in report and "exact_match" in report
+
+
+def test_before_and_after_compares_with_the_base_model(trained_run, tmp_path):
+    base = _evaluate(tmp_path / "base", "none", "experiment=tiny")
+    after = _evaluate(
+        tmp_path / "after", trained_run, f"eval.baseline={tmp_path / 'base' / 'metrics.json'}"
+    )
+    assert after["val/loss"] < base["val/loss"]  # the fine-tune learned the demo set
+    assert (tmp_path / "after" / "before_after.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "before_after.png" in (tmp_path / "after" / "report.md").read_text()
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    with pytest.raises(CheckpointError, match="nope: no such file"):
+        _evaluate(tmp_path, tmp_path / "nope")
+
+
+def test_an_adapter_that_does_not_fit_the_base_is_refused(trained_run, tmp_path):
+    with pytest.raises(CheckpointError, match="does not fit"):
+        _evaluate(
+            tmp_path, trained_run / "adapter", "model=tiny_mistral", "model.source.hidden_size=32"
+        )
+    with pytest.raises(CheckpointError, match="does not fit"):
+        _evaluate(tmp_path, trained_run / "checkpoints" / "last.ckpt", "adapter.r=4")
+
+
+def test_no_held_out_split_is_a_clear_error(trained_run, tmp_path):
+    with pytest.raises(EvaluationError, match="val_set_size"):
+        _evaluate(tmp_path, trained_run, "data.val_set_size=0")
+
+
+@pytest.mark.parametrize("adapter", ["lora", "qlora"])
+def test_merged_export_reloads_with_the_adapter_logits(tmp_path, adapter):
+    run = tmp_path / "run"
+    train(compose_config([*TINY, f"adapter={adapter}", "trainer.max_steps=2"], run))
+    overrides = [f"ckpt={run}", "export.dtype=float32"]
+    fidelity = export(compose_config(overrides, tmp_path / "export"), overrides)
+    assert fidelity["kl_mean"] < 1e-6 and fidelity["loss_delta"] < 1e-5
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "merged")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    cfg, module, datamodule, _ = load_trained(compose_config([f"ckpt={run}"]), [f"ckpt={run}"])
+    ids = torch.tensor([[1, 415, 5565, 349, 264, 1369]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, module(ids), rtol=0, atol=1e-4)
