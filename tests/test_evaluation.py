@@ -4,6 +4,8 @@ writes its report, compares with a base-model run, and the merged export keeps t
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,15 @@ def test_merged_export_reloads_with_the_adapter_logits(tmp_path, adapter):
     ids = torch.tensor([[1, 415, 5565, 349, 264, 1369]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, module(ids), rtol=0, atol=1e-4)
+
+
+def _cli(script: str, *args: str, cwd: Path) -> int:
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / script), *args, f"hydra.run.dir={cwd}"]
+    return subprocess.run(command, cwd=root, capture_output=True, timeout=300).returncode
+
+
+def test_command_lines_answer_and_fail_cleanly(tmp_path):
+    assert _cli("eval.py", f"ckpt={tmp_path / 'nope'}", cwd=tmp_path / "a") == 2
+    prompt = ["ckpt=none", "experiment=tiny", "+prompt=Name a colour.", "eval.max_new_tokens=3"]
+    assert _cli("generate.py", *prompt, cwd=tmp_path / "b") == 0

@@ -97,6 +97,13 @@ def merge_run_config(cfg: DictConfig, checkpoint: Checkpoint, overrides: list[st
         for key in RUN_KEYS:
             if key not in touched and key in run:
                 merged[key] = run[key]
+        # Eval settings merge key by key: the run's (e.g. its labels), then the command line's.
+        if "eval" in run:
+            merged.eval = OmegaConf.merge(cfg.eval, run.eval)
+            for override in overrides:
+                key = override.lstrip("+~").split("=", 1)[0]
+                if key.startswith("eval."):
+                    OmegaConf.update(merged, key, OmegaConf.select(cfg, key), merge=False)
     if checkpoint.kind == "adapter":
         saved = json.loads((checkpoint.path / "adapter_config.json").read_text())
         targets = saved["target_modules"]
