@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from conftest import TINY, compose_config, logged
 from lorafit.checkpoints import CheckpointError
 from lorafit.evaluation import EvaluationError, evaluate, load_trained
-from lorafit.export import export
+from lorafit.export import ExportError, export
 from lorafit.training import train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -97,6 +97,26 @@ def test_merged_export_reloads_with_the_adapter_logits(tmp_path, adapter):
     ids = torch.tensor([[1, 415, 5565, 349, 264, 1369]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, module(ids), rtol=0, atol=1e-4)
+
+
+def test_qlora_bf16_export_passes_its_fidelity_check_and_a_strict_one_fails(tmp_path):
+    run = tmp_path / "run"
+    train(compose_config([*TINY, "adapter=qlora", "trainer.max_steps=2"], run))
+    cfg_overrides = [f"ckpt={run}"]
+    fidelity = export(compose_config(cfg_overrides, tmp_path / "bf16"), cfg_overrides)
+    assert fidelity["kl_mean"] < 0.01
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "merged")
+    assert merged.dtype == torch.bfloat16
+    strict = [f"ckpt={run}", "export.max_kl=1e-12"]
+    with pytest.raises(ExportError, match="drifts from the adapter model"):
+        export(compose_config(strict, tmp_path / "strict"), strict)
+
+
+def test_qlora_eval_reproduces_its_training_validation_loss(tmp_path):
+    run = tmp_path / "run"
+    train(compose_config([*TINY, "adapter=qlora"], run))
+    metrics = _evaluate(tmp_path / "eval", run)
+    assert metrics["val/loss"] == pytest.approx(logged(run, "val/loss")[-1], abs=1e-4)
 
 
 def _cli(script: str, *args: str, cwd: Path) -> int:
