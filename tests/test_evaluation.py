@@ -84,19 +84,22 @@ def test_no_held_out_split_is_a_clear_error(trained_run, tmp_path):
         _evaluate(tmp_path, trained_run, "data.val_set_size=0")
 
 
-@pytest.mark.parametrize("adapter", ["lora", "qlora"])
-def test_merged_export_reloads_with_the_adapter_logits(tmp_path, adapter):
+# 8-bit layers compute in fp16 (bitsandbytes casts), so the merged fp32 model matches less closely.
+@pytest.mark.parametrize(
+    ("adapter", "tolerance"), [("lora", 1e-5), ("qlora", 1e-5), ("lora_8bit", 1e-3)]
+)
+def test_merged_export_reloads_with_the_adapter_logits(tmp_path, adapter, tolerance):
     run = tmp_path / "run"
     train(compose_config([*TINY, f"adapter={adapter}", "trainer.max_steps=2"], run))
     overrides = [f"ckpt={run}", "export.dtype=float32"]
     fidelity = export(compose_config(overrides, tmp_path / "export"), overrides)
-    assert fidelity["kl_mean"] < 1e-6 and fidelity["loss_delta"] < 1e-5
+    assert fidelity["kl_mean"] < tolerance / 10 and fidelity["loss_delta"] < tolerance
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "merged")
     assert not any("lora" in name for name, _ in merged.named_parameters())
     cfg, module, datamodule, _ = load_trained(compose_config([f"ckpt={run}"]), [f"ckpt={run}"])
     ids = torch.tensor([[1, 415, 5565, 349, 264, 1369]])
     with torch.no_grad():
-        torch.testing.assert_close(merged(ids).logits, module(ids), rtol=0, atol=1e-4)
+        torch.testing.assert_close(merged(ids).logits, module(ids), rtol=0, atol=10 * tolerance)
 
 
 def test_qlora_bf16_export_passes_its_fidelity_check_and_a_strict_one_fails(tmp_path):

@@ -36,48 +36,41 @@ class ExportError(LorafitError):
     """The merged model does not reproduce the adapter model closely enough."""
 
 
-def dequantized_base(module: CausalLMModule, dtype: torch.dtype) -> PreTrainedModel:
-    """A full-precision copy of the module's base model with its quantized weights expanded.
-
-    Built from the model source without quantization, then every bitsandbytes layer's weight
-    is replaced by its dequantized value: the weights the adapter saw during training.
-    """
+def _full_precision_base(module: CausalLMModule, dtype: torch.dtype) -> PreTrainedModel:
     spec = module.hparams.model
-    plain = instantiate(spec["source"]).load_model(
+    return instantiate(spec["source"]).load_model(
         dtype=dtype,
         quantization_config=None,
         attn_implementation=spec["attn_implementation"],
         device_map=None,
     )
+
+
+def dequantize_into(module: CausalLMModule, plain: PreTrainedModel) -> None:
+    """Overwrite `plain`'s weights with the dequantized ones of the module's quantized base:
+    the weights the adapter saw during training, rather than the original full-precision ones.
+    """
     import bitsandbytes as bnb
 
     targets = dict(plain.named_modules())
-    prefix = "base_model.model."
     for name, layer in module.model.named_modules():
-        if isinstance(layer, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt) and ".base_layer" in name:
-            weight = layer.weight
-            if isinstance(layer, bnb.nn.Linear4bit):
-                full = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-            else:
-                full = bnb.functional.int8_vectorwise_dequant(weight.data, weight.SCB)
-            target = targets[name.removeprefix(prefix).replace(".base_layer", "")]
-            target.weight.data.copy_(full.to(dtype))
-    return plain
+        if not isinstance(layer, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt):
+            continue
+        weight = layer.weight
+        if isinstance(layer, bnb.nn.Linear4bit):
+            full = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        else:
+            full = bnb.functional.int8_vectorwise_dequant(weight.data, weight.SCB)
+        target = targets[name.removeprefix("base_model.model.").replace(".base_layer", "")]
+        target.weight.data.copy_(full.to(target.weight.dtype))
 
 
 def merged_model(module: CausalLMModule, dtype: torch.dtype) -> PreTrainedModel:
     """The adapter folded into a full-precision base: a plain transformers model."""
     adapter = module.model
+    base = _full_precision_base(module, dtype)
     if module.hparams.adapter.get("quantization"):
-        base = dequantized_base(module, dtype)
-    else:
-        spec = module.hparams.model
-        base = instantiate(spec["source"]).load_model(
-            dtype=dtype,
-            quantization_config=None,
-            attn_implementation=spec["attn_implementation"],
-            device_map=None,
-        )
+        dequantize_into(module, base)
     fresh = get_peft_model(base, adapter.peft_config["default"])
     set_peft_model_state_dict(fresh, get_peft_model_state_dict(adapter))
     merged = fresh.merge_and_unload()
