@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from lorafit.tokenization import IGNORE_INDEX
 
@@ -65,8 +66,11 @@ class StepBatchSampler(Sampler[list[StepItem]]):
         self.rank = rank
         self.drop_last = drop_last
         self.epoch = 0
+        self.skip = 0  # micro-batches of the current epoch already trained (set on resume)
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0  # a resume's skip applies to its own epoch only
         self.epoch = epoch
 
     def _order(self) -> list[int]:
@@ -83,6 +87,12 @@ class StepBatchSampler(Sampler[list[StepItem]]):
         return batches
 
     def __iter__(self) -> Iterator[list[StepItem]]:
+        # Not cleared here: Lightning may create an epoch's iterator more than once.
+        for position, micro_batch in enumerate(self._micro_batches()):
+            if position >= self.skip:
+                yield micro_batch
+
+    def _micro_batches(self) -> Iterator[list[StepItem]]:
         for batch in self._global_batches():
             step_tokens = sum(self.label_counts[i] for i in batch)
             # Contiguous shares keep each rank's micro-batches the same for any world size.
@@ -92,7 +102,7 @@ class StepBatchSampler(Sampler[list[StepItem]]):
                 yield [(index, step_tokens) for index in mine[i : i + self.micro_batch_size]]
 
     def __len__(self) -> int:
-        return sum(1 for _ in self)
+        return sum(1 for _ in self._micro_batches())
 
 
 def pad_collate(
@@ -122,3 +132,30 @@ def pad_collate(
         "step_tokens": torch.tensor(step_tokens, dtype=torch.long),
         "real_tokens": attention_mask.sum(),
     }
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a StepBatchSampler that Lightning checkpoints and restores.
+
+    Its state is the epoch and how many micro-batches of it training has consumed (counted by
+    `count_consumed`, called once per trained batch, so batches prefetched but not yet trained
+    are not counted). A run resumed mid-epoch then continues with the very next micro-batch.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.consumed = 0
+        self._epoch = -1
+
+    def count_consumed(self) -> None:
+        if self._epoch != self.batch_sampler.epoch:
+            self._epoch, self.consumed = self.batch_sampler.epoch, 0
+        self.consumed += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.batch_sampler.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.set_epoch(state["epoch"])
+        self.batch_sampler.skip = state["consumed"]
+        self._epoch, self.consumed = state["epoch"], state["consumed"]

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lorafit import prepared_cache
-from lorafit.batching import StepBatchSampler, pad_collate
+from lorafit.batching import ResumableLoader, StepBatchSampler, pad_collate
 from lorafit.data_sources import DataError, load_alpaca
 from lorafit.examples import PackedExamples, TokenizedExamples
 from lorafit.packing import pack_rows, packed_collate
@@ -200,12 +200,26 @@ class AlpacaDataModule(pl.LightningDataModule):
             rank=rank,
             drop_last=train and world_size > 1,
         )
-        return DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers
+        loader = ResumableLoader if train else DataLoader
+        return loader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            # Its own generator: creating an iterator then never draws on the global RNG that
+            # dropout uses, so a resumed run draws the same dropout masks as an unbroken one.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("train"), train=True)
+        self._train_loader = self._loader(self.dataset("train"), train=True)
+        return self._train_loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Called for exactly the batches that are trained on, prefetched ones only when used.
+        if self.trainer is not None and self.trainer.training:
+            self._train_loader.count_consumed()
+        return batch
 
     def val_dataloader(self) -> DataLoader | list:
         # An empty list tells Lightning there is no validation (val_set_size: 0).

@@ -17,6 +17,7 @@ from lorafit.adapters import trainable_parameters
 from lorafit.losses import token_loss_sum
 from lorafit.packing import check_isolation
 from lorafit.quantization import check_bitsandbytes, disable_cpu_weight_repacking
+from lorafit.resume import FINGERPRINT_KEY
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class CausalLMModule(pl.LightningModule):
         self._step_started: float | None = None
         # Where configure_model puts quantized weights when no trainer is attached (eval tools).
         self.load_device = torch.device("cpu")
+        # What the run's checkpoints belong to (lorafit.resume); set by train().
+        self.fingerprint: dict[str, Any] | None = None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -141,16 +144,47 @@ class CausalLMModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = instantiate(self.hparams.optimizer)(params)
-        steps = self.trainer.estimated_stepping_batches
-        if not math.isfinite(steps):
-            raise ValueError("set trainer.max_steps or trainer.max_epochs: the run has no end")
-        scheduler = instantiate(self.hparams.scheduler)(optimizer, num_training_steps=int(steps))
+        scheduler = instantiate(self.hparams.scheduler)(
+            optimizer, num_training_steps=self._total_steps()
+        )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    def _total_steps(self) -> int:
+        """Optimizer steps of the whole run, for the schedule.
+
+        Not trainer.estimated_stepping_batches: it builds Lightning's training loader before a
+        checkpoint is restored, and the loader's saved position would then never be applied.
+        """
+        trainer = self.trainer
+        if trainer.max_steps > 0:
+            return trainer.max_steps
+        if trainer.max_epochs is None or trainer.max_epochs < 0:
+            raise ValueError("set trainer.max_steps or trainer.max_epochs: the run has no end")
+        micro_batches = len(trainer.datamodule.train_dataloader())
+        return math.ceil(micro_batches / trainer.accumulate_grad_batches) * trainer.max_epochs
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Applied at the first resumed batch: whatever runs between loading and training
+        # (model set-up, data loaders) must not shift the dropout masks to come.
+        self._rng_to_restore = checkpoint.get("rng")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        state, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
+        if state is not None:
+            torch.set_rng_state(state["cpu"])
+            if state.get("cuda") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.fingerprint:
+            checkpoint[FINGERPRINT_KEY] = self.fingerprint
+        checkpoint["rng"] = {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {
             name: tensor for name, tensor in checkpoint["state_dict"].items() if name in trainable

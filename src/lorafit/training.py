@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from lorafit.config_checks import check_config
 from lorafit.datamodule import AlpacaDataModule
 from lorafit.module import CausalLMModule
+from lorafit.resume import check_matches, checkpoint_path, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fine-tune as `cfg` says and return the final logged metrics (train/loss, val/loss...)."""
     pl.seed_everything(cfg.seed, workers=True)
     run = build_run(cfg)
+    resume = checkpoint_path(cfg.resume_from_checkpoint)
+    run.module.fingerprint = fingerprint(cfg, run.datamodule.load_rows())
+    if resume is not None:
+        check_matches(resume, run.module.fingerprint, cfg.resume_force)
     if cfg.validate_before_training:
         # The untrained baseline, logged at step 0, so the curve shows what training changed.
         run.trainer.validate(run.module, datamodule=run.datamodule)
-    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.resume_from_checkpoint)
+    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=resume)
     metrics = {name: float(value) for name, value in run.trainer.callback_metrics.items()}
     log.info("final metrics: %s", metrics)
     return metrics

@@ -1,0 +1,72 @@
+"""Resuming a run: find the checkpoint, and refuse one that belongs to a different job.
+
+A checkpoint records a fingerprint of what its weights and data position mean: the model
+source, the adapter's shape, the data's content and the settings that shape it. Resuming
+under a config that changes any of these would continue a different run; it is refused with
+the differences named, unless `resume_force=true`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lorafit.config_checks import ConfigError
+
+FINGERPRINT_KEY = "lorafit_fingerprint"
+ADAPTER_SHAPE = ("_target_", "r", "alpha", "target_linear", "target_modules", "quantization")
+DATA_SHAPE = ("sequence_len", "sample_packing", "train_on_inputs", "val_set_size", "seed")
+
+
+def checkpoint_path(value: str | None, runs: Path = Path("outputs/runs")) -> Path | None:
+    """`resume_from_checkpoint`: a .ckpt file, a run folder, or `last` (the newest run's)."""
+    if value is None:
+        return None
+    if str(value) == "last":
+        found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise ConfigError(f"resume_from_checkpoint=last: no {runs}/*/checkpoints/last.ckpt")
+        return found[-1]
+    path = Path(value).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise ConfigError(f"resume_from_checkpoint={value}: {path} does not exist")
+    return path
+
+
+def fingerprint(cfg: DictConfig, rows: Any) -> dict[str, Any]:
+    """What a checkpoint's weights and data position depend on."""
+    adapter = OmegaConf.to_container(cfg.adapter, resolve=True)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    content = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "model": json.dumps(OmegaConf.to_container(cfg.model.source, resolve=True), sort_keys=True),
+        **{f"adapter.{k}": json.dumps(adapter.get(k), sort_keys=True) for k in ADAPTER_SHAPE},
+        **{f"data.{k}": json.dumps(data.get(k)) for k in DATA_SHAPE},
+        "data.content": content,
+    }
+
+
+def check_matches(path: Path, current: dict[str, Any], force: bool) -> None:
+    """Raise ConfigError naming every difference between the checkpoint's run and this one."""
+    saved = torch.load(path, map_location="cpu", weights_only=True).get(FINGERPRINT_KEY)
+    if saved is None or force:
+        return
+    differences = [
+        f"{key}: checkpoint {saved.get(key)} != now {current.get(key)}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
+    if differences:
+        raise ConfigError(
+            f"resume_from_checkpoint={path} belongs to a different run ("
+            + "; ".join(differences)
+            + "). Restore those settings, start fresh (adapter.lora_model_dir=<run>/adapter "
+            "continues from its weights at step 0), or set resume_force=true"
+        )
