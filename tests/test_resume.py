@@ -36,7 +36,7 @@ def _killed_run(folder: Path, kill_after: Path) -> None:
         *RUN,
         f"output_dir={folder}",
         f"hydra.run.dir={folder}",
-        "+callbacks.slow._target_=slow_steps.SleepEachStep",
+        "+callbacks.slow._target_=fault_injection.SleepEachStep",
         "+callbacks.slow.seconds=0.5",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
+
+from lorafit.errors import LorafitError
 
 log = logging.getLogger(__name__)
 
@@ -33,3 +37,71 @@ class ExportAdapter(pl.Callback):
         if tokenizer is not None:
             tokenizer.save_pretrained(self.dirpath)
         log.info("saved the trained weights in %s", self.dirpath)
+
+
+class LossDivergedError(LorafitError):
+    """The training loss became NaN, infinite, or larger than the watchdog allows."""
+
+
+class LossWatchdog(pl.Callback):
+    """Stop the run when a step's loss is not finite or exceeds `max_loss`.
+
+    Checked before the optimizer applies the step, so the weights (and every checkpoint) stay
+    those of the last good step; the error names the step and the last checkpoint.
+
+    Args:
+        max_loss: Largest acceptable step loss; None checks finiteness only.
+    """
+
+    def __init__(self, max_loss: float | None = None):
+        self.max_loss = max_loss
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        value = float(pl_module.step_loss)
+        if math.isfinite(value) and (self.max_loss is None or value <= self.max_loss):
+            return
+        checkpoint = trainer.checkpoint_callback
+        last = getattr(checkpoint, "last_model_path", "") or getattr(
+            checkpoint, "best_model_path", ""
+        )
+        limit = "" if self.max_loss is None else f" (watchdog max_loss={self.max_loss})"
+        raise LossDivergedError(
+            f"train/loss became {value} at step {trainer.global_step + 1}{limit}; the last "
+            f"good checkpoint is {last or 'not saved yet'}: resume from it with a lower "
+            "optimizer.lr, or raise callbacks.loss_watchdog.max_loss"
+        )
+
+
+class SaveOnSigterm(pl.Callback):
+    """On SIGTERM (what clusters send before preemption), finish the optimizer step in progress,
+    save `last.ckpt`, and let Lightning stop the run.
+
+    Lightning stops at the end of the micro-batch during which the signal arrived; mid
+    gradient accumulation that would lose part of a step, so the stop is held back until the
+    step completes, and the checkpoint resumes exactly.
+
+    Args:
+        dirpath: The checkpoint folder; the checkpoint is `last.ckpt` in it.
+    """
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+        self.saved: Path | None = None
+        self._step_at_start = 0
+        self._held = False  # a SIGTERM arrived mid-step and waits for the step to finish
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._step_at_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if not trainer.received_sigterm and not self._held:
+            return
+        if trainer.global_step == self._step_at_start:  # mid-accumulation: hold the stop
+            self._held, trainer.received_sigterm = True, False
+            return
+        self.saved = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(self.saved)
+        log.warning("SIGTERM: saved %s at step %d; stopping", self.saved, trainer.global_step)
+        self._held, trainer.received_sigterm = False, True

@@ -47,7 +47,8 @@ class CausalLMModule(pl.LightningModule):
         # Checkpoints hold only trainable weights; the frozen base is reloaded from its source.
         self.strict_loading = False
         self.val_loss = MeanMetric()
-        self._step_loss = 0.0
+        # The loss of the optimizer step in progress, summed over its micro-batches.
+        self.step_loss = 0.0
         self._step_tokens = 0
         self._step_started: float | None = None
         # Where configure_model puts quantized weights when no trainer is attached (eval tools).
@@ -117,7 +118,7 @@ class CausalLMModule(pl.LightningModule):
             self._step_started = time.perf_counter()
         loss_sum, _ = self._loss_sum(batch)
         loss = loss_sum / batch["step_tokens"]
-        self._step_loss += loss.item()
+        self.step_loss += loss.item()
         self._step_tokens += int(batch["real_tokens"])
         # Lightning divides by accumulate_grad_batches and DDP averages over ranks; both are
         # undone so the step's gradient is that of the mean over the global batch's tokens.
@@ -125,11 +126,11 @@ class CausalLMModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         elapsed = time.perf_counter() - self._step_started
-        self.log("train/loss", self._step_loss, reduce_fx="sum", sync_dist=True, prog_bar=True)
+        self.log("train/loss", self.step_loss, reduce_fx="sum", sync_dist=True, prog_bar=True)
         self.log("train/tokens_per_s", self._step_tokens / elapsed, reduce_fx="sum", sync_dist=True)
         # Here rather than LearningRateMonitor, which logs once per micro-batch when accumulating.
         self.log("train/lr", optimizer.param_groups[0]["lr"])
-        self._step_loss, self._step_tokens, self._step_started = 0.0, 0, None
+        self.step_loss, self._step_tokens, self._step_started = 0.0, 0, None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss_sum, count = self._loss_sum(batch)

@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lorafit.config_checks import check_config
@@ -74,7 +75,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.validate_before_training:
         # The untrained baseline, logged at step 0, so the curve shows what training changed.
         run.trainer.validate(run.module, datamodule=run.datamodule)
-    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=resume)
+    try:
+        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=resume)
+    except SIGTERMException:
+        # Preempted: SaveOnSigterm wrote last.ckpt at a step boundary; exit cleanly.
+        log.warning("stopped by SIGTERM: resume with resume_from_checkpoint=%s", cfg.output_dir)
     metrics = {name: float(value) for name, value in run.trainer.callback_metrics.items()}
     log.info("final metrics: %s", metrics)
     return metrics
