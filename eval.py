@@ -10,6 +10,7 @@ Writes metrics.json, report.md and PNG plots into its own run folder under outpu
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -17,6 +18,7 @@ from omegaconf import DictConfig
 
 from lorafit.errors import LorafitError
 from lorafit.evaluation import evaluate
+from lorafit.strict_config import exit_on_unknown_keys
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -30,4 +32,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    exit_on_unknown_keys(Path(__file__).parent / "conf")
     main()

@@ -6,6 +6,7 @@ python export.py ckpt=outputs/runs/<run> export.dtype=float32
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -13,6 +14,7 @@ from omegaconf import DictConfig
 
 from lorafit.errors import LorafitError
 from lorafit.export import export
+from lorafit.strict_config import exit_on_unknown_keys
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -25,4 +27,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_unknown_keys(Path(__file__).parent / "conf")
     main()

@@ -7,6 +7,7 @@
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -15,6 +16,7 @@ from omegaconf import DictConfig
 from lorafit.errors import LorafitError
 from lorafit.evaluation import generate, load_trained
 from lorafit.prompts import alpaca_prompt
+from lorafit.strict_config import exit_on_unknown_keys
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -39,4 +41,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_unknown_keys(Path(__file__).parent / "conf")
     main()

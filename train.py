@@ -7,11 +7,13 @@ python train.py -m adapter.r=8,16,32 optimizer.lr=1e-4,2e-4   # a sweep
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from lorafit.errors import LorafitError
+from lorafit.strict_config import exit_on_unknown_keys
 from lorafit.training import train
 
 
@@ -27,4 +29,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    exit_on_unknown_keys(Path(__file__).parent / "conf")
     main()

@@ -86,7 +86,7 @@ def test_unknown_keys_are_errors(override, tmp_path):
     ("overrides", "message"),
     [
         (["data.batch_size=6", "data.micro_batch_size=4"], "data.batch_size=6 is not a multiple"),
-        (["data.micro_batch_size=0"], "must be at least 1"),
+        (["data.micro_batch_size=0"], "data.micro_batch_size=0"),
         (["adapter.r=0"], "adapter.r=0"),
         (["adapter.dropout=1.0"], "adapter.dropout"),
         (["data.sequence_len=1"], "data.sequence_len"),

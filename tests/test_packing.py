@@ -155,7 +155,7 @@ def test_the_preflight_passes_isolation_and_stops_a_leak(demo_examples):
         check_isolation(leaky, packed, collate)
 
 
-@pytest.mark.parametrize("attn", ["flex_attention", "sdpa_paged"])
+@pytest.mark.parametrize("attn", ["flex_attention"])
 def test_backends_that_cannot_isolate_are_refused(attn, tmp_path):
     cfg = compose_config(
         [*TINY, "data.sample_packing=true", f"model.attn_implementation={attn}"], tmp_path

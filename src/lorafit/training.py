@@ -32,21 +32,27 @@ class Run:
     trainer: pl.Trainer
     module: CausalLMModule
     datamodule: AlpacaDataModule
+    resume: Path | None = None  # the checkpoint to continue from, checked against this run
 
 
 def build_run(cfg: DictConfig) -> Run:
     """Check the config and the data, then build trainer, module and data module.
 
-    Bad config and bad data fail here, before the tokenizer or any model weight is fetched;
-    the run folder gets only the resolved config.
+    Bad config and bad data fail here, before any model weight is loaded and before anything
+    is written; then the run folder gets the resolved config.
     """
     accumulate = check_config(cfg)
     datamodule = instantiate(cfg.data)
     datamodule.load_rows()
+    datamodule.tokenizer = instantiate(cfg.model.source).load_tokenizer()
+    datamodule.setup("fit")  # tokenize and pack now: data that cannot train fails here
+    resume = checkpoint_path(cfg.resume_from_checkpoint)
+    run_fingerprint = fingerprint(cfg, datamodule.load_rows())
+    if resume is not None:
+        check_matches(resume, run_fingerprint, cfg.resume_force)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    datamodule.tokenizer = instantiate(cfg.model.source).load_tokenizer()
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     module = CausalLMModule(
@@ -61,22 +67,19 @@ def build_run(cfg: DictConfig) -> Run:
         logger=_instantiate_each(cfg.get("logger")),
         callbacks=_instantiate_each(cfg.get("callbacks")),
     )
-    return Run(trainer, module, datamodule)
+    module.fingerprint = run_fingerprint
+    return Run(trainer, module, datamodule, resume)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fine-tune as `cfg` says and return the final logged metrics (train/loss, val/loss...)."""
     pl.seed_everything(cfg.seed, workers=True)
     run = build_run(cfg)
-    resume = checkpoint_path(cfg.resume_from_checkpoint)
-    run.module.fingerprint = fingerprint(cfg, run.datamodule.load_rows())
-    if resume is not None:
-        check_matches(resume, run.module.fingerprint, cfg.resume_force)
     if cfg.validate_before_training:
         # The untrained baseline, logged at step 0, so the curve shows what training changed.
         run.trainer.validate(run.module, datamodule=run.datamodule)
     try:
-        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=resume)
+        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.resume)
     except SIGTERMException:
         # Preempted: SaveOnSigterm wrote last.ckpt at a step boundary; exit cleanly.
         log.warning("stopped by SIGTERM: resume with resume_from_checkpoint=%s", cfg.output_dir)
