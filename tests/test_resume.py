@@ -65,6 +65,7 @@ def test_a_killed_and_resumed_run_continues_the_same_losses(tmp_path):
     resumed = logged(tmp_path / "resumed", "train/loss")
     assert len(unbroken) == 10 and len(resumed) == 6
     torch.testing.assert_close(resumed, unbroken[4:], rtol=0, atol=1e-6)
+    assert checkpoint.is_file()  # the resumed run never deletes what it resumed from
     val_unbroken, val_resumed = (logged(tmp_path / n, "val/loss") for n in ("unbroken", "resumed"))
     torch.testing.assert_close(val_resumed, val_unbroken[-len(val_resumed) :], rtol=0, atol=1e-6)
 
@@ -90,3 +91,16 @@ def test_resuming_under_a_different_config_is_refused(tmp_path, change, named):
 def test_a_missing_resume_checkpoint_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope"):
         train(compose_config([*TINY, f"resume_from_checkpoint={tmp_path / 'nope'}"], tmp_path))
+
+
+def test_resume_force_continues_despite_a_difference(tmp_path):
+    train(compose_config([*TINY, "trainer.max_steps=2"], tmp_path / "first"))
+    again = [
+        *TINY,
+        "trainer.max_steps=4",
+        f"resume_from_checkpoint={tmp_path / 'first'}",
+        "data.sequence_len=96",
+        "resume_force=true",
+    ]
+    train(compose_config(again, tmp_path / "second"))
+    assert len(logged(tmp_path / "second", "train/loss")) == 2
