@@ -37,6 +37,9 @@ class ExportAdapter(pl.Callback):
         if tokenizer is not None:
             tokenizer.save_pretrained(self.dirpath)
         log.info("saved the trained weights in %s", self.dirpath)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_adapter_folder"):
+                logger.log_adapter_folder(self.dirpath)
 
 
 class LossDivergedError(LorafitError):

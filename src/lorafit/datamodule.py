@@ -103,6 +103,7 @@ class AlpacaDataModule(pl.LightningDataModule):
         self.rows: tuple[list[dict[str, str]], list[dict[str, str]]] | None = None
         self.splits: dict[str, PreparedSplit] | None = None
         self.prepared_from_cache = False
+        self.cache_key: str | None = None
 
     def load_rows(self) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
         """Load, check and split the rows (once); raises DataError on bad data."""
@@ -153,6 +154,7 @@ class AlpacaDataModule(pl.LightningDataModule):
         key = None
         if self.dataset_prepared_path:
             key = prepared_cache.cache_key([train_rows, val_rows], self.tokenizer, self.settings())
+            self.cache_key = key
             self.splits = prepared_cache.load(Path(self.dataset_prepared_path), key)
             self.prepared_from_cache = self.splits is not None
         if self.splits is None:

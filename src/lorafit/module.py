@@ -127,7 +127,13 @@ class CausalLMModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         elapsed = time.perf_counter() - self._step_started
         self.log("train/loss", self.step_loss, reduce_fx="sum", sync_dist=True, prog_bar=True)
-        self.log("train/tokens_per_s", self._step_tokens / elapsed, reduce_fx="sum", sync_dist=True)
+        self.log(
+            "train/tokens_per_s",
+            self._step_tokens / elapsed,
+            reduce_fx="sum",
+            sync_dist=True,
+            prog_bar=True,
+        )
         # Here rather than LearningRateMonitor, which logs once per micro-batch when accumulating.
         self.log("train/lr", optimizer.param_groups[0]["lr"])
         self.step_loss, self._step_tokens, self._step_started = 0.0, 0, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from lorafit.config_checks import check_config
 from lorafit.datamodule import AlpacaDataModule
 from lorafit.module import CausalLMModule
 from lorafit.resume import check_matches, checkpoint_path, fingerprint
+from lorafit.tracking import finish as finish_trackers
+from lorafit.tracking import log_run_config
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,10 @@ def build_run(cfg: DictConfig) -> Run:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if datamodule.dataset_prepared_path:
+        # Which prepared data the run used, and whether it came from the cache.
+        record = {"key": datamodule.cache_key, "from_cache": datamodule.prepared_from_cache}
+        (output_dir / "prepared_data.json").write_text(json.dumps(record) + "\n")
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     module = CausalLMModule(
@@ -75,6 +82,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fine-tune as `cfg` says and return the final logged metrics (train/loss, val/loss...)."""
     pl.seed_everything(cfg.seed, workers=True)
     run = build_run(cfg)
+    log_run_config(run.trainer, cfg)
     if cfg.validate_before_training:
         # The untrained baseline, logged at step 0, so the curve shows what training changed.
         run.trainer.validate(run.module, datamodule=run.datamodule)
@@ -83,6 +91,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     except SIGTERMException:
         # Preempted: SaveOnSigterm wrote last.ckpt at a step boundary; exit cleanly.
         log.warning("stopped by SIGTERM: resume with resume_from_checkpoint=%s", cfg.output_dir)
+    finally:
+        finish_trackers(run.trainer)
     metrics = {name: float(value) for name, value in run.trainer.callback_metrics.items()}
     log.info("final metrics: %s", metrics)
     return metrics

@@ -1,0 +1,95 @@
+"""Sweeps and tracking: a Hydra grid, an Optuna search, the leaderboard across trials, a shared
+data cache, and offline Weights & Biases."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from conftest import TINY, compose_config
+from lorafit import leaderboard
+from lorafit.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = [
+    "trainer.log_every_n_steps=1",
+    "callbacks.progress_bar=null",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def _multirun(sweep: Path, *overrides: str) -> None:
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        "experiment=tiny",
+        *QUIET,
+        f"hydra.sweep.dir={sweep}",
+        f"data.dataset_prepared_path={sweep / 'prepared'}",
+        *overrides,
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=600)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+
+
+def test_a_grid_sweep_gives_four_runs_a_leaderboard_and_one_tokenization(tmp_path):
+    sweep = tmp_path / "grid"
+    _multirun(sweep, "adapter.r=4,8", "optimizer.lr=1e-3,1e-2")
+    trials = leaderboard.write(sweep)
+    assert sorted(t["trial"] for t in trials) == ["0", "1", "2", "3"]
+    losses = [t["final"]["val/loss"] for t in trials]
+    assert losses == sorted(losses)
+    assert {t["varying"] for t in trials} == {
+        f"adapter.r={r} optimizer.lr={lr}" for r in (4, 8) for lr in ("0.001", "0.01")
+    }
+    rows = (sweep / "leaderboard.csv").read_text().splitlines()
+    assert len(rows) == 5 and rows[0].startswith("rank,trial,overrides,val/loss")
+    assert (sweep / "leaderboard.md").read_text().count("\n| ") == 6  # header, rule, 4 trials
+    assert (sweep / "val_loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    cached = [json.loads((sweep / n / "prepared_data.json").read_text()) for n in "0123"]
+    assert [c["from_cache"] for c in cached] == [False, True, True, True]
+    assert len({c["key"] for c in cached}) == 1
+
+
+def test_an_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
+    sweep = tmp_path / "optuna"
+    _multirun(sweep, "hparams_search=optuna", "hydra.sweeper.n_trials=3")
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    trials = leaderboard.write(sweep)
+    assert len(trials) == 3
+    assert best["best_value"] == trials[0]["final"]["val/loss"]
+    assert set(best["best_params"]) == {
+        "optimizer.lr",
+        "adapter.r",
+        "adapter.alpha",
+        "adapter.dropout",
+        "scheduler.warmup_steps",
+    }
+
+
+def test_offline_wandb_records_metrics_gradients_config_and_the_adapter(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    overrides = [
+        *TINY,
+        "logger=wandb",
+        "logger.wandb.watch=gradients",
+        "logger.wandb.watch_log_freq=1",
+        "logger.wandb.log_adapter=true",
+    ]
+    train(compose_config(overrides, tmp_path))
+    (record,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    content = record.read_bytes()
+    for expected in (b"train/loss", b"val/loss", b"gradients/", b"git_commit", b"adapter-"):
+        assert expected in content, expected
+
+
+def test_the_resolved_config_and_commit_are_logged_as_hyperparameters(tmp_path):
+    train(compose_config(TINY, tmp_path))
+    hparams = yaml.safe_load((tmp_path / "csv" / "hparams.yaml").read_text())
+    assert hparams["config"]["model"]["source"]["hidden_size"] == 64
+    assert "git_commit" in hparams
