@@ -93,3 +93,16 @@ def test_the_resolved_config_and_commit_are_logged_as_hyperparameters(tmp_path):
     hparams = yaml.safe_load((tmp_path / "csv" / "hparams.yaml").read_text())
     assert hparams["config"]["model"]["source"]["hidden_size"] == 64
     assert "git_commit" in hparams
+
+
+def test_wandb_without_key_or_login_logs_offline(tmp_path, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    train(compose_config([*TINY, "logger=wandb", "trainer.max_steps=2"], tmp_path / "run"))
+    assert list((tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_tensorboard_writes_event_files(tmp_path):
+    train(compose_config([*TINY, "logger=tensorboard", "trainer.max_steps=2"], tmp_path))
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

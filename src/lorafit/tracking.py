@@ -3,6 +3,8 @@ Biases logger that can watch gradients and upload the trained adapter."""
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 
 def git_commit(folder: Path | str = ".") -> str | None:
@@ -32,6 +36,14 @@ def log_run_config(trainer: pl.Trainer, cfg: DictConfig) -> None:
     params = {"config": OmegaConf.to_container(cfg, resolve=True), "git_commit": git_commit()}
     for logger in trainer.loggers:
         logger.log_hyperparams(params)
+
+
+def _wandb_credentials() -> bool:
+    """Whether wandb can log online without asking: a key, a login, or a chosen mode."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
 def finish(trainer: pl.Trainer) -> None:
@@ -59,6 +71,11 @@ class WandbLogger(LightningWandbLogger):
         log_adapter: bool = False,
         **kwargs: Any,
     ):
+        if not _wandb_credentials() and not kwargs.get("offline"):
+            # No key and no login: record offline (sync later with `wandb sync`) rather than
+            # fail or prompt. Checkpoint upload needs a connection, so it is switched off.
+            log.warning("wandb: no API key or login found; logging offline under save_dir")
+            kwargs.update(offline=True, log_model=False)
         super().__init__(**kwargs)
         self._watch, self._watch_log_freq, self._log_adapter = watch, watch_log_freq, log_adapter
 
