@@ -22,6 +22,7 @@ def test_every_group_has_options():
         "callbacks",
         "data",
         "experiment",
+        "hparams_search",
         "logger",
         "model",
         "optimizer",
