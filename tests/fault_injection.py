@@ -1,7 +1,12 @@
 """Callbacks that inject faults into a run: slow steps (to kill a run mid-way), heavy
 checkpoints (to kill one mid-write), and NaN weights."""
 
+import os
+import subprocess
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -37,3 +42,32 @@ class PoisonWeights(pl.Callback):
                 for name, parameter in pl_module.named_parameters():
                     if "lora_A" in name:
                         parameter.fill_(float("nan"))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_slow_run(folder: Path, overrides: list[str], seconds: float) -> subprocess.Popen:
+    """`python train.py <overrides>` in a subprocess, each step slowed by `seconds`."""
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *overrides,
+        f"output_dir={folder}",
+        f"hydra.run.dir={folder}",
+        "+callbacks.slow._target_=fault_injection.SleepEachStep",
+        f"+callbacks.slow.seconds={seconds}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def wait_for(process: subprocess.Popen, ready: Callable[[], bool], timeout: float = 240) -> None:
+    """Poll until `ready()`; fails if the process ends first or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, "the run ended too early"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

@@ -3,21 +3,18 @@ loss that diverges."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import TINY, compose_config, logged
+from fault_injection import start_slow_run, wait_for
 from lorafit.callbacks import LossDivergedError
 from lorafit.training import train
 
-ROOT = Path(__file__).resolve().parents[1]
 RUN = [
     *TINY,
     "adapter.dropout=0.1",
@@ -28,28 +25,7 @@ RUN = [
 
 
 def _start(folder: Path, *extra: str) -> subprocess.Popen:
-    command = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        *RUN,
-        f"output_dir={folder}",
-        f"hydra.run.dir={folder}",
-        "+callbacks.slow._target_=fault_injection.SleepEachStep",
-        "+callbacks.slow.seconds=0.4",
-        *extra,
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-    return subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-
-
-def _wait_for(process: subprocess.Popen, ready, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert process.poll() is None, "the run ended too early"
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+    return start_slow_run(folder, [*RUN, *extra], seconds=0.4)
 
 
 def test_sigterm_saves_a_step_boundary_checkpoint_that_resumes_exactly(tmp_path):
@@ -59,7 +35,7 @@ def test_sigterm_saves_a_step_boundary_checkpoint_that_resumes_exactly(tmp_path)
     process = _start(folder)
     # Micro-batches of 2 and batches of 8: 4 micro-batches a step, so the signal most likely
     # lands mid-accumulation, and the save must wait for the step to finish.
-    _wait_for(process, lambda: (folder / "checkpoints" / "step000002.ckpt").exists())
+    wait_for(process, lambda: (folder / "checkpoints" / "step000002.ckpt").exists())
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 0
     state = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
@@ -79,7 +55,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
         "+callbacks.ballast.megabytes=200",
     )
     checkpoints = folder / "checkpoints"
-    _wait_for(
+    wait_for(
         process,
         lambda: (checkpoints / "last.ckpt").exists() and any(checkpoints.glob(".*.partial")),
     )

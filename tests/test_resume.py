@@ -3,10 +3,7 @@ per-step losses as the run that was never interrupted; a mismatched resume is re
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,10 +11,10 @@ import pytest
 import torch
 
 from conftest import TINY, compose_config, logged
+from fault_injection import start_slow_run, wait_for
 from lorafit.config_checks import ConfigError
 from lorafit.training import train
 
-ROOT = Path(__file__).resolve().parents[1]
 # Dropout on, validation every 2 steps, a checkpoint after every step, all of them kept.
 RUN = [
     *TINY,
@@ -30,26 +27,10 @@ RUN = [
 
 def _killed_run(folder: Path, kill_after: Path) -> None:
     """Run train.py in a subprocess and SIGKILL it as soon as `kill_after` exists."""
-    command = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        *RUN,
-        f"output_dir={folder}",
-        f"hydra.run.dir={folder}",
-        "+callbacks.slow._target_=fault_injection.SleepEachStep",
-        "+callbacks.slow.seconds=0.5",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    process = start_slow_run(folder, RUN, seconds=0.5)
     try:
-        deadline = time.monotonic() + 240
-        while not kill_after.exists():
-            assert process.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
-        time.sleep(0.1)  # let the save finish: the file appears when its writing starts
+        wait_for(process, kill_after.exists)
+        time.sleep(0.1)  # the file appears when its rename lands; let the step finish
         process.send_signal(signal.SIGKILL)
     finally:
         process.wait(timeout=60)
