@@ -30,7 +30,7 @@ def _instantiate_each(group: DictConfig | None) -> list[Any]:
 
 @dataclass
 class Run:
-    """The three objects a run is made of, wired from one config and not yet fitted."""
+    """What a run is made of, wired from one config and not yet fitted."""
 
     trainer: pl.Trainer
     module: CausalLMModule
