@@ -93,11 +93,9 @@ def test_checkpoints_hold_adapter_and_optimizer_and_keep_the_newest(tmp_path):
         ],
     )
     folder = tmp_path / "checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "last.ckpt",
-        "step000003.ckpt",
-        "step000004.ckpt",
-    ]
+    names = sorted(p.name for p in folder.iterdir())
+    # The newest two, last.ckpt, and the best by val/loss (validation ran at steps 2 and 4).
+    assert names == ["best-step000004.ckpt", "last.ckpt", "step000003.ckpt", "step000004.ckpt"]
     checkpoint = torch.load(folder / "last.ckpt", weights_only=True)
     trainable = {n for n, p in run.module.named_parameters() if p.requires_grad}
     assert set(checkpoint["state_dict"]) == trainable
