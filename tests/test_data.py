@@ -170,3 +170,13 @@ def test_collate_pads_and_masks():
     assert batch["labels"][1].tolist() == [IGNORE_INDEX, 7, IGNORE_INDEX, IGNORE_INDEX]
     assert int(batch["step_tokens"]) == 9
     assert [label_tokens(e["labels"]) for e in examples] == [2, 1]
+
+
+def test_label_counts_match_per_example_counting():
+    examples = [
+        {"input_ids": [1, 5, 6, 2], "labels": [IGNORE_INDEX, IGNORE_INDEX, 6, 2]},
+        {"input_ids": [1, 7], "labels": [1, 7]},
+        {"input_ids": [3], "labels": [3]},
+    ]
+    flat = TokenizedExamples.from_lists(examples)
+    assert flat.label_counts() == [label_tokens(e["labels"]) for e in examples] == [2, 1, 0]

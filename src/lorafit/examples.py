@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from lorafit.batching import StepItem, label_tokens
+from lorafit.batching import StepItem
 from lorafit.packing import pack_row
+from lorafit.tokenization import IGNORE_INDEX
 
 
 class TokenizedExamples(Dataset):
@@ -54,7 +55,13 @@ class TokenizedExamples(Dataset):
         }
 
     def label_counts(self) -> list[int]:
-        return [label_tokens(self.example(i)["labels"]) for i in range(len(self))]
+        """Label tokens per example (as `label_tokens`), vectorised over the flat arrays."""
+        if len(self) == 0:
+            return []
+        learned = (self.labels != IGNORE_INDEX).astype(np.int64)
+        starts = self.offsets[:-1]
+        # An example's first label is never a target (logits at t predict label t + 1).
+        return (np.add.reduceat(learned, starts) - learned[starts]).tolist()
 
     def __getitem__(self, key: int | StepItem) -> dict[str, list[int] | int]:
         index, step_tokens = key if isinstance(key, tuple) else (key, 0)
