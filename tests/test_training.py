@@ -3,6 +3,8 @@ adapter-only checkpoints, retention, and the exported adapter reloading in peft.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,37 @@ def test_the_same_seed_gives_the_same_losses_with_dropout(tmp_path):
         )
     )
     assert logged(tmp_path / "other", "train/loss") != runs[0]
+
+
+def test_two_process_ddp_gives_the_single_process_losses(tmp_path):
+    # Same global batch of 8: one process accumulating 4 micro-batches of 2, or two processes
+    # (gloo, CPU) accumulating 2 each; the step loss is the mean over the global batch either way.
+    common = [
+        *TINY,
+        "adapter.dropout=0",
+        "data.batch_size=8",
+        "data.micro_batch_size=2",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=1.0",
+    ]
+    train(compose_config(common, tmp_path / "single"))
+    root = Path(__file__).resolve().parents[1]
+    ddp = [
+        *common,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        f"output_dir={tmp_path / 'ddp'}",
+        f"hydra.run.dir={tmp_path / 'ddp'}",
+    ]
+    result = subprocess.run(
+        [sys.executable, str(root / "train.py"), *ddp], cwd=root, capture_output=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    torch.testing.assert_close(
+        logged(tmp_path / "ddp", "train/loss"),
+        logged(tmp_path / "single", "train/loss"),
+        rtol=0,
+        atol=1e-5,
+    )
