@@ -14,11 +14,9 @@ import csv
 import math
 from pathlib import Path
 
-import matplotlib
+from omegaconf import OmegaConf
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from lorafit.report import figure
 
 METRICS = ("val/loss", "val/ppl", "train/loss", "train/tokens_per_s")
 
@@ -102,8 +100,7 @@ def write(sweep: Path, objective: str = "val/loss", maximize: bool = False) -> l
 
 
 def _plot(trials: list[dict], out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    try:
+    with figure(out) as ax:
         for trial in trials:
             points = trial["curves"].get("val/loss") or trial["curves"].get("train/loss", [])
             if points:
@@ -114,10 +111,6 @@ def _plot(trials: list[dict], out: Path) -> None:
         ax.set_title("Validation loss by trial")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out, dpi=120)
-    finally:
-        plt.close(fig)
 
 
 def main() -> None:

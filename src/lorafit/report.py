@@ -9,8 +9,10 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -19,6 +21,20 @@ matplotlib.use("Agg")  # must precede the pyplot import; no display is needed or
 import matplotlib.pyplot as plt  # noqa: E402
 
 _CELL_LIMIT = 300  # longest sample cell, in characters, before it is shortened with an ellipsis
+
+
+@contextmanager
+def figure(out_png: Path, size: tuple[float, float] = (8, 4.5)) -> Iterator[Any]:
+    """Axes to draw on; on exit the figure is laid out, saved to `out_png` and closed."""
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield ax
+        fig.tight_layout()
+        out_png = Path(out_png)
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_png, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def _read_loss_series(metrics_csv: Path, column: str) -> tuple[list[float], list[float]]:
@@ -59,8 +75,7 @@ def plot_loss_curves(metrics_csv: Path, out_png: Path) -> Path | None:
     if not train_loss and not val_loss:
         return None
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    try:
+    with figure(out_png) as ax:
         if train_loss:
             ax.plot(train_steps, train_loss, label="train/loss", linewidth=1.2)
         if val_loss:
@@ -70,13 +85,7 @@ def plot_loss_curves(metrics_csv: Path, out_png: Path) -> Path | None:
         ax.set_title("Training and validation loss")
         ax.grid(True, alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        out_png = Path(out_png)
-        out_png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_png, dpi=120)
-    finally:
-        plt.close(fig)
-    return out_png
+    return Path(out_png)
 
 
 def plot_before_after(
@@ -102,8 +111,7 @@ def plot_before_after(
 
     width = 0.38
     xs = range(len(shown))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(shown) + 2), 4.5))
-    try:
+    with figure(out_png, size=(max(5.0, 1.6 * len(shown) + 2), 4.5)) as ax:
         base = ax.bar(
             [x - width / 2 for x in xs],
             [float(before[k]) for k in shown],
@@ -123,13 +131,7 @@ def plot_before_after(
         ax.set_title("Base model vs fine-tuned")
         ax.margins(y=0.15)  # room above the tallest bar for its label
         ax.legend()
-        fig.tight_layout()
-        out_png = Path(out_png)
-        out_png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_png, dpi=120)
-    finally:
-        plt.close(fig)
-    return out_png
+    return Path(out_png)
 
 
 def _format_value(value: object) -> str:
