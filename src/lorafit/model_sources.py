@@ -14,7 +14,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lorafit.atomic_folder import publish
 from lorafit.errors import LorafitError
 
 MISTRAL_VOCAB_SIZE = 32000
@@ -58,28 +58,6 @@ def _package_file(package: str, relative: str) -> Path:
     return path
 
 
-def _publish_atomically(build: Any, target: Path) -> Path:
-    """Run `build(tmp_folder)` and move the result to `target` only once it is complete.
-
-    A process killed half-way leaves a stray temporary folder, never a half-written target
-    that a later run would trust.
-    """
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process published first; theirs is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
 def mistral_tokenizer() -> LlamaTokenizer:
     """The real Mistral-7B-v0.1 sentencepiece tokenizer, shipped inside `mistral-common`.
 
@@ -88,7 +66,7 @@ def mistral_tokenizer() -> LlamaTokenizer:
     """
     model_file = _package_file("mistral_common", "data/tokenizer.model.v1")
     folder = cache_root() / "tokenizers" / f"mistral-v1-{_file_digest(model_file)}"
-    _publish_atomically(lambda tmp: shutil.copy(model_file, tmp / "tokenizer.model"), folder)
+    publish(folder, lambda tmp: shutil.copy(model_file, tmp / "tokenizer.model"))
     tokenizer = LlamaTokenizer.from_pretrained(folder, add_bos_token=True, add_eos_token=False)
     if len(tokenizer) != MISTRAL_VOCAB_SIZE:
         raise ModelSourceError(
@@ -215,7 +193,7 @@ class TinyMistral:
         return mistral_tokenizer()
 
     def load_model(self, **kwargs: Any) -> PreTrainedModel:
-        return _from_pretrained(_publish_atomically(self._write, self.folder()), **kwargs)
+        return _from_pretrained(publish(self.folder(), self._write), **kwargs)
 
 
 class GGUFPackageModel:
@@ -250,7 +228,7 @@ class GGUFPackageModel:
 
     def prepare(self) -> Path:
         """Convert the GGUF into the cache if not done yet; returns the folder."""
-        return _publish_atomically(self._convert, self.folder())
+        return publish(self.folder(), self._convert)
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         return _with_pad_token(AutoTokenizer.from_pretrained(self.prepare()))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from lorafit import prompts
+from lorafit.atomic_folder import publish
 from lorafit.examples import TokenizedExamples
 
 log = logging.getLogger(__name__)
@@ -101,25 +101,13 @@ def load(root: Path, key: str) -> dict[str, PreparedSplit] | None:
 
 def save(root: Path, key: str, splits: Mapping[str, PreparedSplit]) -> Path:
     """Write the splits under `key` atomically; an existing complete entry is left alone."""
-    root = Path(root)
-    target = root / key
-    if (target / "complete.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
-    try:
+
+    def build(folder: Path) -> None:
         for name, split in splits.items():
-            _save_split(split, tmp / name)
+            _save_split(split, folder / name)
         # Written last: a folder without it is never trusted.
-        (tmp / "complete.json").write_text(json.dumps({"splits": list(splits)}))
-        if target.exists():  # a leftover without complete.json, from a crashed writer
-            shutil.rmtree(target)
-        try:
-            tmp.rename(target)
-        except OSError:  # another run published the same key first: same content
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (folder / "complete.json").write_text(json.dumps({"splits": list(splits)}))
+
+    target = publish(Path(root) / key, build, lambda p: (p / "complete.json").is_file())
     log.info("prepared data: saved %s", target)
     return target
