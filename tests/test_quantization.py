@@ -179,6 +179,18 @@ def test_check_bitsandbytes_passes_for_4bit_on_cpu() -> None:
     check_bitsandbytes("cpu", 4)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("default_device", ["meta", "cpu"])
+def test_check_bitsandbytes_ignores_the_default_device(bits: int, default_device: str) -> None:
+    # Lightning calls configure_model with the accelerator as torch's default device; on a GPU
+    # that is cuda, and a probe drawn with a CPU generator there stopped every QLoRA run. A
+    # meta default device reproduces the mismatch on CPU.
+    before = torch.get_rng_state()
+    with torch.device(default_device):
+        check_bitsandbytes("cpu", bits)
+    assert torch.equal(torch.get_rng_state(), before)  # the seeded stream is untouched
+
+
 def test_check_bitsandbytes_rejects_other_widths() -> None:
     with pytest.raises(ValueError, match="got 3"):
         check_bitsandbytes(torch.device("cpu"), 3)

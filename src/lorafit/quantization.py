@@ -101,7 +101,10 @@ def check_bitsandbytes(device: torch.device | str, bits: int) -> None:
         raise unavailable(f"importing it failed ({type(exc).__name__}: {exc})") from exc
 
     try:
-        error = _round_trip_4bit(bnb, device) if bits == 4 else _round_trip_8bit(bnb, device)
+        # Lightning runs configure_model with the accelerator as the default device; the probe
+        # chooses every device itself, so any such context (cuda, meta) must not leak in.
+        with torch.device("cpu"):
+            error = _round_trip_4bit(bnb, device) if bits == 4 else _round_trip_8bit(bnb, device)
     except Exception as exc:  # backends report unsupported devices with many exception types
         raise unavailable(
             f"a {bits}-bit test on a tiny tensor failed ({type(exc).__name__}: {exc})"
@@ -117,8 +120,8 @@ def check_bitsandbytes(device: torch.device | str, bits: int) -> None:
 
 def _probe_tensor(*shape: int) -> torch.Tensor:
     # A private generator, so that checking never shifts the seeded global random stream.
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(*shape, generator=generator)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    return torch.randn(*shape, generator=generator, device="cpu")
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
