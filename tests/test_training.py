@@ -59,6 +59,16 @@ def _fit(tmp_path: Path, overrides: list[str]):
     return run
 
 
+def test_switching_the_progress_bar_off_keeps_the_rest(tmp_path):
+    # callbacks.progress_bar stays configured; Lightning alone would refuse the combination.
+    cfg = compose_config([*TINY, "trainer.max_steps=1"], tmp_path)
+    assert cfg.callbacks.progress_bar is not None and not cfg.trainer.enable_progress_bar
+    run = build_run(cfg)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert run.trainer.progress_bar_callback is None and run.trainer.global_step == 1
+    assert run.trainer.checkpoint_callback is not None  # the other callbacks are kept
+
+
 def test_validation_metrics_are_logged(tmp_path):
     metrics = train(compose_config(TINY, tmp_path))
     val = logged(tmp_path, "val/loss")

@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,6 +27,15 @@ log = logging.getLogger(__name__)
 def _instantiate_each(group: DictConfig | None) -> list[Any]:
     """Loggers and callbacks are dicts of named entries; a null entry switches one off."""
     return [instantiate(entry) for entry in (group or {}).values() if entry is not None]
+
+
+def _callbacks(cfg: DictConfig) -> list[Callback]:
+    callbacks = _instantiate_each(cfg.get("callbacks"))
+    if not cfg.trainer.get("enable_progress_bar", True):
+        # Lightning refuses a progress bar callback when the bar is switched off; the switch is
+        # what the user asked for, so the callback goes.
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return callbacks
 
 
 @dataclass
@@ -72,7 +82,7 @@ def build_run(cfg: DictConfig) -> Run:
         cfg.trainer,
         accumulate_grad_batches=accumulate,
         logger=_instantiate_each(cfg.get("logger")),
-        callbacks=_instantiate_each(cfg.get("callbacks")),
+        callbacks=_callbacks(cfg),
     )
     module.fingerprint = run_fingerprint
     return Run(trainer, module, datamodule, resume)
