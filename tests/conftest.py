@@ -43,6 +43,53 @@ def logged(output_dir: Path, key: str) -> list[float]:
         return [float(row[key]) for row in csv.DictReader(handle) if row.get(key)]
 
 
+def packed_test_module(
+    attn: str = "sdpa", checkpointing: bool = False, overrides: tuple[str, ...] = ()
+):
+    """A tiny LoRA module with non-zero adapter weights, so the adapter takes part in what is
+    compared, and no dropout."""
+    from lorafit.module import CausalLMModule
+
+    cfg = compose_config(
+        [
+            *TINY,
+            f"model.attn_implementation={attn}",
+            "adapter.dropout=0",
+            f"model.gradient_checkpointing={str(checkpointing).lower()}",
+            *overrides,
+        ]
+    )
+    torch.manual_seed(0)
+    module = CausalLMModule(model=cfg.model, adapter=cfg.adapter, optimizer={}, scheduler={})
+    module.configure_model()
+    for name, p in module.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return module
+
+
+def packed_demo(examples, capacity: int = 256):
+    """The examples packed into rows of `capacity`, and a collate for one row at a time."""
+    from lorafit.examples import PackedExamples
+    from lorafit.packing import pack_rows, packed_collate
+
+    packed = PackedExamples(examples, pack_rows(examples.lengths().tolist(), capacity))
+    return packed, lambda items: packed_collate(items, pad_token_id=0)
+
+
+@pytest.fixture(scope="session")
+def demo_examples():
+    """The first 24 demo rows, tokenized with the real Mistral tokenizer."""
+    from lorafit.data_sources import load_alpaca
+    from lorafit.examples import TokenizedExamples
+    from lorafit.model_sources import mistral_tokenizer
+    from lorafit.tokenization import tokenize_alpaca
+
+    rows = load_alpaca([{"path": "builtin:demo_alpaca"}])[:24]
+    examples, _ = tokenize_alpaca(rows, mistral_tokenizer(), sequence_len=256)
+    return TokenizedExamples.from_lists(examples)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -9,21 +9,12 @@ import random
 import pytest
 import torch
 
-from conftest import TINY, compose_config, logged
+from conftest import TINY, compose_config, logged, packed_test_module
 from lorafit.config_checks import check_config
-from lorafit.data_sources import load_alpaca
-from lorafit.examples import PackedExamples, TokenizedExamples
+from lorafit.examples import PackedExamples
 from lorafit.losses import token_loss_sum
-from lorafit.model_sources import mistral_tokenizer
-from lorafit.module import CausalLMModule
-from lorafit.packing import (
-    PackingError,
-    check_isolation,
-    pack_row,
-    pack_rows,
-    packed_collate,
-)
-from lorafit.tokenization import IGNORE_INDEX, tokenize_alpaca
+from lorafit.packing import PackingError, pack_row, pack_rows, packed_collate
+from lorafit.tokenization import IGNORE_INDEX
 from lorafit.training import train
 
 
@@ -65,37 +56,11 @@ def test_packed_rows_conserve_every_token(demo_examples):
     assert len(packed) < len(demo_examples)
 
 
-@pytest.fixture(scope="module")
-def demo_examples() -> TokenizedExamples:
-    rows = load_alpaca([{"path": "builtin:demo_alpaca"}])[:24]
-    examples, _ = tokenize_alpaca(rows, mistral_tokenizer(), sequence_len=256)
-    return TokenizedExamples.from_lists(examples)
-
-
-def _module(attn: str, checkpointing: bool) -> CausalLMModule:
-    cfg = compose_config(
-        [
-            *TINY,
-            f"model.attn_implementation={attn}",
-            "adapter.dropout=0",
-            f"model.gradient_checkpointing={str(checkpointing).lower()}",
-        ]
-    )
-    torch.manual_seed(0)
-    module = CausalLMModule(model=cfg.model, adapter=cfg.adapter, optimizer={}, scheduler={})
-    module.configure_model()
-    # Non-zero adapter weights, so the adapter takes part in what is compared.
-    for name, p in module.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    return module
-
-
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_loss_and_logits_equal_examples_run_alone(demo_examples, attn, checkpointing, mode):
-    module = _module(attn, checkpointing).train(mode == "train")
+    module = packed_test_module(attn, checkpointing).train(mode == "train")
     packed = PackedExamples(demo_examples, pack_rows(demo_examples.lengths().tolist(), 256))
     row = next(i for i, r in enumerate(packed.rows) if len(r) >= 3)
     batch = packed_collate([packed[row]], pad_token_id=0, pad_to=256)
@@ -117,7 +82,7 @@ def test_packed_loss_and_logits_equal_examples_run_alone(demo_examples, attn, ch
 
 
 def test_packed_gradients_equal_the_sum_over_examples(demo_examples):
-    module = _module("sdpa", checkpointing=False)
+    module = packed_test_module("sdpa", checkpointing=False)
     packed = PackedExamples(demo_examples, pack_rows(demo_examples.lengths().tolist(), 256))
     row = next(i for i, r in enumerate(packed.rows) if len(r) >= 3)
     batch = packed_collate([packed[row]], pad_token_id=0)
@@ -133,26 +98,6 @@ def test_packed_gradients_equal_the_sum_over_examples(demo_examples):
         total = total + token_loss_sum(module(ids), torch.tensor([alone["labels"]]))[0]
     for packed_grad, grad in zip(packed_grads, torch.autograd.grad(total, lora), strict=True):
         torch.testing.assert_close(packed_grad, grad, rtol=1e-4, atol=1e-6)
-
-
-class _IgnoresPositions(CausalLMModule):
-    """A model call that drops the position ids: packed examples then see each other."""
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
-        return super().forward(input_ids, attention_mask=attention_mask)
-
-
-def test_the_preflight_passes_isolation_and_stops_a_leak(demo_examples):
-    packed = PackedExamples(demo_examples, pack_rows(demo_examples.lengths().tolist(), 256))
-
-    def collate(items):
-        return packed_collate(items, pad_token_id=0)
-
-    assert check_isolation(_module("sdpa", False), packed, collate) < 1e-4
-    leaky = _IgnoresPositions.__new__(_IgnoresPositions)
-    leaky.__dict__ = _module("sdpa", False).__dict__
-    with pytest.raises(PackingError, match="not isolated"):
-        check_isolation(leaky, packed, collate)
 
 
 @pytest.mark.parametrize("attn", ["flex_attention"])
@@ -179,15 +124,3 @@ def test_packed_training_runs_with_static_shapes_and_a_tiny_validation_split(tmp
     assert len(logged(tmp_path, "val/loss")) == 2
     assert logged(tmp_path, "train/loss")[-1] < logged(tmp_path, "train/loss")[0]
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
-
-
-@pytest.mark.gpu
-def test_flash_attention_varlen_isolates_packed_examples(demo_examples):
-    pytest.importorskip("flash_attn")
-    module = _module("flash_attention_2", False, ("model.dtype=bfloat16",)).cuda()
-    packed = PackedExamples(demo_examples, pack_rows(demo_examples.lengths().tolist(), 256))
-
-    def collate(items):
-        return packed_collate(items, pad_token_id=0)
-
-    assert check_isolation(module, packed, collate) < 2e-2

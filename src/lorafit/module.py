@@ -14,8 +14,8 @@ from hydra.utils import instantiate
 from torchmetrics import MeanMetric
 
 from lorafit.adapters import trainable_parameters
+from lorafit.isolation import IsolationReport, check_isolation
 from lorafit.losses import token_loss_sum
-from lorafit.packing import check_isolation
 from lorafit.quantization import check_bitsandbytes, disable_cpu_weight_repacking
 from lorafit.resume import FINGERPRINT_KEY
 
@@ -55,6 +55,8 @@ class CausalLMModule(pl.LightningModule):
         self.load_device = torch.device("cpu")
         # What the run's checkpoints belong to (lorafit.resume); set by train().
         self.fingerprint: dict[str, Any] | None = None
+        # What the packing preflight found, when the run packs.
+        self.isolation: IsolationReport | None = None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -109,9 +111,15 @@ class CausalLMModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         # Prove on real rows, with this model and attention backend, that packed examples do
         # not see each other, before any step is spent.
+        # It computes in the trainer's precision context (bf16 autocast on GPU), as the steps
+        # will, so its tolerance is that precision's.
         datamodule = self.trainer.datamodule
         if getattr(datamodule, "sample_packing", False):
-            check_isolation(self, datamodule.dataset("train"), datamodule.collate)
+            with self.trainer.precision_plugin.forward_context():
+                self.isolation = check_isolation(
+                    self, datamodule.dataset("train"), datamodule.collate
+                )
+            log.info("packing preflight: %s", self.isolation)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self._step_started is None:

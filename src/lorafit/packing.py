@@ -23,19 +23,17 @@ A (3 tokens), B (2 tokens) and C (3 tokens), padded to 10:
         __                  x x
 
 The loss of a packed row therefore equals the sum of the examples' losses run one by one;
-`check_isolation` proves it on real rows before training starts.
+`lorafit.isolation.check_isolation` proves it on real rows before training starts.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.losses import token_loss_sum
 from lorafit.tokenization import IGNORE_INDEX
 
 # Attention implementations that isolate packed examples given restarted position ids and no
@@ -152,55 +150,3 @@ def packed_collate(
         "step_tokens": torch.tensor(rows[0]["step_tokens"] or own, dtype=torch.long),
         "real_tokens": torch.tensor(real_tokens, dtype=torch.long),
     }
-
-
-def check_isolation(
-    module: torch.nn.Module,
-    packed: Any,
-    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
-    rows: int = 2,
-) -> float:
-    """Compare each example's loss inside packed rows with its loss run alone.
-
-    Uses the first `rows` rows that hold several examples. Raises PackingError when any
-    example differs by more than the tolerance of the model's dtype (fp32: 1e-4 relative):
-    a leak makes later examples in a row condition on earlier ones. Returns the largest
-    relative difference.
-    """
-    candidates = [i for i, row in enumerate(packed.rows) if len(row) > 1][:rows]
-    if not candidates:
-        return 0.0
-    dtype = next(module.parameters()).dtype
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-    device = next(module.parameters()).device
-    was_training = module.training
-    module.eval()
-    worst = 0.0
-    try:
-        with torch.no_grad():
-            for index in candidates:
-                batch = {k: v.to(device) for k, v in collate([packed[index]]).items()}
-                logits = module(batch["input_ids"], position_ids=batch["position_ids"])
-                starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
-                for member, start in zip(packed.rows[index], starts, strict=False):
-                    alone = packed.examples.example(member)
-                    ids = torch.tensor([alone["input_ids"]], device=device)
-                    labels = torch.tensor([alone["labels"]], device=device)
-                    end = start + ids.shape[1]
-                    inside, _ = token_loss_sum(logits[:, start:end], labels)
-                    single, _ = token_loss_sum(
-                        module(ids, attention_mask=torch.ones_like(ids)), labels
-                    )
-                    error = abs(inside.item() - single.item()) / max(abs(single.item()), 1e-6)
-                    worst = max(worst, error)
-                    if error > tolerance:
-                        raise PackingError(
-                            f"packed examples are not isolated: example {member} has loss "
-                            f"{inside.item():.6f} inside packed row {index} but "
-                            f"{single.item():.6f} alone (relative error {error:.2e} > "
-                            f"{tolerance:g}); check model.attn_implementation, or set "
-                            "data.sample_packing=false"
-                        )
-    finally:
-        module.train(was_training)
-    return worst
