@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import TINY, compose_config, logged
 from lorafit.checkpoints import CheckpointError
-from lorafit.evaluation import EvaluationError, evaluate, load_trained
+from lorafit.evaluation import EvaluationError, evaluate, load_trained, validation_metrics
 from lorafit.export import ExportError, export
 from lorafit.training import train
 
@@ -44,6 +44,20 @@ def test_eval_reproduces_the_final_validation_loss(trained_run, tmp_path, target
     metrics = _evaluate(tmp_path, ckpt)
     assert metrics["val/loss"] == pytest.approx(logged(trained_run, "val/loss")[-1], abs=1e-4)
     assert metrics["samples"] == 6 and 0 <= metrics["exact_match"] <= 1
+
+
+def test_the_model_stays_on_its_device_through_validation(trained_run):
+    cfg = compose_config([f"ckpt={trained_run}", *EVAL])
+    cfg, module, datamodule, _ = load_trained(cfg)
+    moves = []
+    to_cpu = module.cpu
+    # Lightning's teardown calls this on every module it ran; on a GPU it moved the model off
+    # the device before generation. Here it would be a no-op, so the call itself is watched.
+    module.cpu = lambda: moves.append("cpu") or to_cpu()
+    metrics = validation_metrics(cfg, module, datamodule)
+    assert moves == [] and metrics["val/loss"] > 0
+    devices = {p.device for p in module.parameters()}
+    assert devices == {module.load_device} and module.device == module.load_device
 
 
 def test_eval_writes_metrics_report_and_plots(trained_run, tmp_path):

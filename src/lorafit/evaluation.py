@@ -24,6 +24,7 @@ from lorafit.datamodule import AlpacaDataModule
 from lorafit.errors import LorafitError
 from lorafit.module import CausalLMModule
 from lorafit.prompts import alpaca_prompt
+from lorafit.strategies import StayOnDevice
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,9 @@ def load_trained(
     module = CausalLMModule(plain["model"], plain["adapter"], optimizer={}, scheduler={})
     pl.seed_everything(cfg.seed)
     use_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
-    module.load_device = torch.device("cuda" if use_gpu else "cpu")
+    module.load_device = (
+        torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    )
     module.configure_model()
     module.to(module.load_device)
     checkpoints.load_weights(module, checkpoint)
@@ -87,8 +90,19 @@ def generate(
     return completions
 
 
-def _validation_metrics(cfg: DictConfig, module: CausalLMModule, datamodule: Any) -> dict:
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False)
+def validation_metrics(cfg: DictConfig, module: CausalLMModule, datamodule: Any) -> dict:
+    """val/loss and val/ppl exactly as training computes them (same precision and batches), on
+    the device the model was loaded on, where it stays for generation and export."""
+    device = module.load_device
+    trainer = instantiate(
+        cfg.trainer,
+        logger=False,
+        callbacks=[],
+        enable_progress_bar=False,
+        accelerator="cuda" if device.type == "cuda" else "cpu",
+        devices=1,  # a run trained with DDP is evaluated on one device
+        strategy=StayOnDevice(device),
+    )
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     return {k: float(v) for k, v in metrics.items()}
 
@@ -111,7 +125,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, float]
         raise EvaluationError(
             "there is no held-out split to evaluate on: set data.val_set_size above 0"
         )
-    metrics = _validation_metrics(cfg, module, datamodule)
+    metrics = validation_metrics(cfg, module, datamodule)
     rows = val_rows[: cfg.eval.max_samples]
     prompts = [alpaca_prompt(r["instruction"], r["input"]) for r in rows]
     references = [r["output"] for r in rows]

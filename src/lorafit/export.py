@@ -42,7 +42,8 @@ def _full_precision_base(module: CausalLMModule, dtype: torch.dtype) -> PreTrain
         dtype=dtype,
         quantization_config=None,
         attn_implementation=spec["attn_implementation"],
-        device_map=None,
+        # Built where the adapter model is: on a GPU the merge never passes through the CPU.
+        device_map={"": module.load_device},
     )
 
 
@@ -88,8 +89,8 @@ def compare(
     sums = {"reference": 0.0, "candidate": 0.0, "kl": 0.0}
     tokens = 0
     for batch in batches:
-        ids, labels = batch["input_ids"], batch["labels"]
         ref, cand = reference(batch).float(), candidate(batch).float()
+        labels = batch["labels"].to(ref.device)
         for key, logits in (("reference", ref), ("candidate", cand)):
             sums[key] += float(token_loss_sum(logits, labels)[0])
         mask = labels[:, 1:] != -100
@@ -97,7 +98,6 @@ def compare(
         cand_logp = torch.log_softmax(cand[:, :-1][mask], -1)
         sums["kl"] += float((ref_logp.exp() * (ref_logp - cand_logp)).sum())
         tokens += int(mask.sum())
-        del ids
     return {
         "val/loss_adapter": sums["reference"] / tokens,
         "val/loss_merged": sums["candidate"] / tokens,
@@ -115,16 +115,26 @@ def export(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, float]:
     out = Path(cfg.export.output_dir or Path(cfg.output_dir) / "merged")
     merged_model(module, dtype).save_pretrained(out)
     datamodule.tokenizer.save_pretrained(out)
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    device = module.load_device
+    # On a CPU the saved weights are compared in fp32 (bf16 matmuls there are slow and coarse);
+    # on a GPU in the dtype they were saved in, as users will load them.
+    compare_dtype = torch.float32 if device.type == "cpu" else dtype
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        out, dtype=compare_dtype, device_map={"": device}
+    ).eval()
     datamodule.setup("validate")
     batches = list(datamodule.val_dataloader()) or list(datamodule.train_dataloader())[:4]
 
     def run(model: Callable) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
         def logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            def on_device(key: str) -> torch.Tensor | None:
+                value = batch.get(key)
+                return None if value is None else value.to(device)
+
             return model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch.get("attention_mask"),
-                position_ids=batch.get("position_ids"),
+                input_ids=on_device("input_ids"),
+                attention_mask=on_device("attention_mask"),
+                position_ids=on_device("position_ids"),
                 use_cache=False,
             ).logits
 
