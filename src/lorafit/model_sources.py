@@ -1,5 +1,5 @@
-"""Where a base model and its tokenizer come from: the Hub, a random tiny Mistral, or a GGUF
-file shipped inside a Python package.
+"""Where a base model and its tokenizer come from: the Hub, a random Mistral (tiny, or of
+Mistral-7B's shape), or a GGUF file shipped inside a Python package.
 
 Each source is built from `conf/model/*.yaml` by Hydra and answers two calls:
 `load_tokenizer()` and `load_model(...)`. The offline sources write an ordinary transformers
@@ -9,6 +9,7 @@ quantization included.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -149,11 +150,21 @@ class HubModel:
             ) from error
 
 
-class TinyMistral:
-    """A randomly initialised small `MistralForCausalLM` with the real Mistral-7B tokenizer.
+class RandomMistral:
+    """A randomly initialised `MistralForCausalLM` of any shape, with the real Mistral-7B
+    tokenizer: tests at a tiny size, and at Mistral-7B-v0.1's size benchmarks and GPU checks of
+    the canonical job without the Hub (speed and memory do not depend on weight values).
 
-    The same arguments always give the same weights: the model is written once into the cache
-    under a key made of its config and seed, then loaded like any pretrained folder.
+    The same arguments on the same kind of device always give the same weights: the model is
+    built once, in `build_dtype` directly on `build_device`, written into the cache under a key
+    made of all of them, and then loaded like any pretrained folder, quantization included.
+
+    Args:
+        build_dtype: The dtype the weights are drawn and saved in; bfloat16 halves the 7B
+            build (14.5 GB instead of 29) and is what the model is trained over anyway.
+        build_device: `cpu`, `cuda`, or `auto` (cuda when present): a 7B build on a GPU takes
+            seconds. The random stream differs by device type, so it is part of the key.
+        seed: Drives the weights; the run's own seed is left untouched.
     """
 
     def __init__(
@@ -164,7 +175,12 @@ class TinyMistral:
         num_attention_heads: int = 4,
         num_key_value_heads: int = 2,
         max_position_embeddings: int = 4096,
+        sliding_window: int | None = 4096,
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-6,
         seed: int = 0,
+        build_dtype: str = "float32",
+        build_device: str = "cpu",
     ):
         self.config = MistralConfig(
             vocab_size=MISTRAL_VOCAB_SIZE,
@@ -174,26 +190,53 @@ class TinyMistral:
             num_attention_heads=num_attention_heads,
             num_key_value_heads=num_key_value_heads,
             max_position_embeddings=max_position_embeddings,
+            sliding_window=sliding_window,
+            rope_theta=rope_theta,
+            rms_norm_eps=rms_norm_eps,
             bos_token_id=1,
             eos_token_id=2,
             tie_word_embeddings=False,
         )
         self.seed = seed
+        self.build_dtype = getattr(torch, build_dtype)
+        self.build_device = build_device
+
+    def _device(self) -> torch.device:
+        if self.build_device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.build_device)
 
     def folder(self) -> Path:
-        key = json.dumps({"config": self.config.to_diff_dict(), "seed": self.seed}, sort_keys=True)
-        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        return cache_root() / "models" / f"tiny-mistral-{digest}"
+        key = {"config": self.config.to_diff_dict(), "seed": self.seed}
+        if (self.build_dtype, self._device().type) != (torch.float32, "cpu"):
+            key["build"] = [str(self.build_dtype), self._device().type]
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return cache_root() / "models" / f"random-mistral-{digest}"
 
     def _write(self, tmp: Path) -> None:
-        torch.manual_seed(self.seed)
-        MistralForCausalLM(self.config).save_pretrained(tmp)
+        device = self._device()
+        # Seeded privately, so building (on first use only) never shifts the run's own stream.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            # Drawn directly in the build dtype on the build device: no full-size fp32 copy.
+            with torch.device(device):
+                # A copy: building records the dtype in the config, which would change the key.
+                config = copy.deepcopy(self.config)
+                model = MistralForCausalLM._from_config(config, dtype=self.build_dtype)
+        model.save_pretrained(tmp)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         return mistral_tokenizer()
 
     def load_model(self, **kwargs: Any) -> PreTrainedModel:
         return _from_pretrained(publish(self.folder(), self._write), **kwargs)
+
+
+# The tests' and quickstart checks' model: a 4.2M-parameter RandomMistral, built in fp32 on CPU.
+TinyMistral = RandomMistral
 
 
 class GGUFPackageModel:
