@@ -126,8 +126,9 @@ def test_qlora_7b_trains_on_the_gpu_in_bf16(qlora_7b_run):
     assert qlora_7b_run["watch"].devices == {_device_type()}
     assert run.trainer.global_step == STEPS
     # The preflight computed in the trainer's autocast and found the rows isolated.
-    assert run.module.isolation.precision.name == "bfloat16"
-    assert run.module.isolation.worst_logit_change == 0.0
+    isolation = run.module.isolation
+    assert isolation.precision.name == "bfloat16"
+    assert isolation.worst_logit_change <= isolation.precision.eps
     assert all(torch.isfinite(torch.tensor(figures["train_loss"])))
     assert len(figures["val_loss"]) == 1
 

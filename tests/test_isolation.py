@@ -126,4 +126,5 @@ def test_flash_attention_varlen_isolates_packed_examples(demo_examples):
     module = packed_test_module("flash_attention_2", overrides=("model.dtype=bfloat16",)).cuda()
     packed, collate = packed_demo(demo_examples)
     report = check_isolation(module, packed, collate)
-    assert report.precision.name == "bfloat16" and report.worst_logit_change == 0.0
+    assert report.precision.name == "bfloat16"
+    assert report.worst_logit_change <= report.precision.eps
