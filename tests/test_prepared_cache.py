@@ -4,6 +4,8 @@ the data changed, and never a half-written entry trusted."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from lorafit import prepared_cache, prompts
 from lorafit.datamodule import AlpacaDataModule
 from lorafit.examples import TokenizedExamples
 from lorafit.model_sources import mistral_tokenizer
+from lorafit.packing import pack_rows
 
 ROWS = [
     {"instruction": f"Add {i} and {i + 1}.", "input": "" if i % 2 else f"{i}", "output": str(2 * i)}
@@ -123,9 +126,102 @@ def test_a_crash_mid_write_leaves_nothing_trusted(data_file, tmp_path, tokenizer
 
 def test_an_entry_without_its_completion_mark_is_rebuilt(data_file, tmp_path, tokenizer):
     first = _datamodule(data_file, tmp_path / "cache", tokenizer)
-    (entry,) = (tmp_path / "cache").iterdir()
+    (name,) = _entries(tmp_path / "cache")
+    entry = tmp_path / "cache" / name
     (entry / "complete.json").unlink()  # as if killed before the last write
     assert prepared_cache.load(tmp_path / "cache", entry.name) is None
     again = _datamodule(data_file, tmp_path / "cache", tokenizer)
     assert not again.prepared_from_cache and (entry / "complete.json").is_file()
     assert again.splits["train"].rows == first.splits["train"].rows
+
+
+def _synthetic(index: int) -> dict[str, prepared_cache.PreparedSplit]:
+    """Splits that depend on `index` only: packed for even indices, unpacked for odd ones."""
+    rng = np.random.default_rng(index)
+    splits = {}
+    for name, count in (("train", 60), ("validation", 8)):
+        examples = [
+            {"input_ids": ids, "labels": ids}
+            for ids in (rng.integers(0, 32000, int(n)).tolist() for n in rng.integers(2, 60, count))
+        ]
+        flat = TokenizedExamples.from_lists(examples)
+        rows = pack_rows(flat.lengths().tolist(), 128) if index % 2 == 0 else None
+        splits[name] = prepared_cache.PreparedSplit(flat, rows)
+    return splits
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[n].rows == b[n].rows
+        and all(
+            np.array_equal(getattr(a[n].examples, f), getattr(b[n].examples, f))
+            for f in ("input_ids", "labels", "offsets")
+        )
+        for n in a
+    )
+
+
+def _hammer(root: Path, keys: int, write: bool, barrier, done, results) -> None:
+    problems = []
+    expected = {i: _synthetic(i) for i in range(keys)}
+    while True:
+        for i in range(keys):
+            try:
+                if write:
+                    barrier.wait()  # the writers build each key at the same moment
+                    prepared_cache.save(root, f"k{i:03d}", expected[i])
+                loaded = prepared_cache.load(root, f"k{i:03d}")
+                if loaded is not None and not _same(loaded, expected[i]):
+                    problems.append(f"k{i:03d}: loaded data differs from what was saved")
+            except Exception as error:  # every failure counts, whatever its type
+                problems.append(f"k{i:03d}: {type(error).__name__}: {error}")
+        if write or done.is_set():
+            break
+    results.put(problems)
+
+
+def test_concurrent_writers_and_readers_never_see_a_wrong_or_vanishing_entry(tmp_path):
+    # Two writers publish the same 60 keys at once while a third process keeps loading them:
+    # replacing a complete entry in place made readers fail or read packed data as unpacked.
+    context = multiprocessing.get_context("fork")
+    done, results, barrier = context.Event(), context.Queue(), context.Barrier(2)
+    root = tmp_path / "cache"
+    roles = [True, True, False]
+    workers = [
+        context.Process(target=_hammer, args=(root, 60, write, barrier, done, results))
+        for write in roles
+    ]
+    for worker in workers:
+        worker.start()
+    problems = [results.get(timeout=300) for _ in roles[:2]]
+    done.set()
+    problems.append(results.get(timeout=300))
+    for worker in workers:
+        worker.join(timeout=60)
+    found = [p for each in problems for p in each]
+    assert found == [], f"{len(found)} failures, e.g. {found[:3]}"
+    for i in range(60):  # every entry complete, equal to a fresh build, readable by the group
+        assert _same(prepared_cache.load(root, f"k{i:03d}"), _synthetic(i))
+        assert (root / f"k{i:03d}").stat().st_mode & 0o050 == 0o050
+    assert not [p for p in root.iterdir() if "-building-" in p.name or "-stale-" in p.name]
+
+
+def test_processes_preparing_the_same_key_at_once_build_it_once(tmp_path):
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+
+    def prepare(worker: int) -> None:
+        def build():
+            time.sleep(0.5)  # long enough for the others to arrive while this one builds
+            return _synthetic(0)
+
+        splits, cached = prepared_cache.load_or_build(tmp_path / "cache", "shared", build)
+        results.put((cached, _same(splits, _synthetic(0))))
+
+    workers = [context.Process(target=prepare, args=(n,)) for n in range(3)]
+    for worker in workers:
+        worker.start()
+    outcomes = sorted(results.get(timeout=120) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=60)
+    assert outcomes == [(False, True), (True, True), (True, True)]

@@ -151,18 +151,21 @@ class AlpacaDataModule(pl.LightningDataModule):
         if self.tokenizer is None:
             raise RuntimeError("AlpacaDataModule.tokenizer must be set before setup()")
         train_rows, val_rows = self.load_rows()
-        key = None
+
+        def prepare() -> dict[str, PreparedSplit]:
+            splits = {"train": self._prepare(train_rows, "train")}
+            if val_rows:
+                splits["validation"] = self._prepare(val_rows, "validation")
+            return splits
+
         if self.dataset_prepared_path:
             key = prepared_cache.cache_key([train_rows, val_rows], self.tokenizer, self.settings())
             self.cache_key = key
-            self.splits = prepared_cache.load(Path(self.dataset_prepared_path), key)
-            self.prepared_from_cache = self.splits is not None
-        if self.splits is None:
-            self.splits = {"train": self._prepare(train_rows, "train")}
-            if val_rows:
-                self.splits["validation"] = self._prepare(val_rows, "validation")
-            if key is not None:
-                prepared_cache.save(Path(self.dataset_prepared_path), key, self.splits)
+            self.splits, self.prepared_from_cache = prepared_cache.load_or_build(
+                Path(self.dataset_prepared_path), key, prepare
+            )
+        else:
+            self.splits = prepare()
         if self.sample_packing:
             train = self.splits["train"]
             log.info(

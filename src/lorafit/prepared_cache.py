@@ -5,7 +5,9 @@ The key hashes the rows themselves (so an edited file or a new Hub revision is a
 without trusting file dates or revision names), the tokenizer's saved files, the prompt
 templates, every data setting, and a format version. A change to any of them is a miss and a
 rebuild; nothing stale can be served. Entries are written to a temporary folder and renamed
-into place, so a run killed mid-write leaves nothing that a later run would load.
+into place, so a run killed mid-write leaves nothing that a later run would load; a complete
+entry is never replaced while others may read it; a reader trusts an entry only when it
+matches its manifest; and processes preparing the same key take turns, so it is built once.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import hashlib
 import json
 import logging
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
 from lorafit import prompts
@@ -28,7 +31,8 @@ from lorafit.examples import TokenizedExamples
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the saved layout or the tokenization logic changes
+FORMAT_VERSION = 2  # bump when the saved layout or the tokenization logic changes
+MANIFEST = "complete.json"  # written last: the entry's key, and each split's kind and counts
 
 
 @dataclass
@@ -71,6 +75,16 @@ def cache_key(
     return digest.hexdigest()[:32]
 
 
+def _manifest_entry(split: PreparedSplit) -> dict[str, Any]:
+    """What a reader checks before trusting a saved split."""
+    return {
+        "packed": split.rows is not None,
+        "examples": len(split.examples),
+        "tokens": int(len(split.examples.input_ids)),
+        "rows": None if split.rows is None else len(split.rows),
+    }
+
+
 def _save_split(split: PreparedSplit, folder: Path) -> None:
     split.examples.save(folder)
     if split.rows is not None:
@@ -79,24 +93,51 @@ def _save_split(split: PreparedSplit, folder: Path) -> None:
         np.save(folder / "row_members.npy", np.array([i for r in split.rows for i in r], np.int64))
 
 
-def _load_split(folder: Path) -> PreparedSplit:
+def _load_split(folder: Path, expected: Mapping[str, Any]) -> PreparedSplit:
     examples = TokenizedExamples.load(folder)
-    if not (folder / "row_lengths.npy").is_file():
-        return PreparedSplit(examples, None)
-    lengths, members = np.load(folder / "row_lengths.npy"), np.load(folder / "row_members.npy")
-    bounds = np.concatenate([[0], np.cumsum(lengths)])
-    rows = [members[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    return PreparedSplit(examples, rows)
+    rows = None
+    if expected["packed"]:
+        lengths, members = np.load(folder / "row_lengths.npy"), np.load(folder / "row_members.npy")
+        bounds = np.concatenate([[0], np.cumsum(lengths)])
+        rows = [members[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    split = PreparedSplit(examples, rows)
+    found = _manifest_entry(split)
+    if found != dict(expected):
+        raise ValueError(f"{folder} holds {found}, its manifest says {dict(expected)}")
+    return split
+
+
+def _manifest(folder: Path, key: str) -> dict[str, Any] | None:
+    """The entry's manifest when it is complete and belongs to `key`, else None."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("key") != key or manifest.get("format") != FORMAT_VERSION:
+        return None
+    return manifest
 
 
 def load(root: Path, key: str) -> dict[str, PreparedSplit] | None:
-    """The cached splits under `key`, or None on a miss."""
+    """The cached splits under `key`, or None on a miss.
+
+    The manifest names the key, and for each split whether it is packed and how many examples,
+    tokens and rows it holds; an entry that does not match it is not trusted (a miss).
+    """
     folder = Path(root) / key
-    if not (folder / "complete.json").is_file():
+    manifest = _manifest(folder, key)
+    if manifest is None:
         return None
-    splits = json.loads((folder / "complete.json").read_text())["splits"]
+    try:
+        splits = {
+            name: _load_split(folder / name, expected)
+            for name, expected in manifest["splits"].items()
+        }
+    except (OSError, ValueError) as error:
+        log.warning("prepared data: ignoring the damaged entry %s (%s)", folder, error)
+        return None
     log.info("prepared data: loaded %s", folder)
-    return {name: _load_split(folder / name) for name in splits}
+    return splits
 
 
 def save(root: Path, key: str, splits: Mapping[str, PreparedSplit]) -> Path:
@@ -106,8 +147,37 @@ def save(root: Path, key: str, splits: Mapping[str, PreparedSplit]) -> Path:
         for name, split in splits.items():
             _save_split(split, folder / name)
         # Written last: a folder without it is never trusted.
-        (folder / "complete.json").write_text(json.dumps({"splits": list(splits)}))
+        manifest = {
+            "key": key,
+            "format": FORMAT_VERSION,
+            "splits": {name: _manifest_entry(split) for name, split in splits.items()},
+        }
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
-    target = publish(Path(root) / key, build, lambda p: (p / "complete.json").is_file())
+    target = publish(Path(root) / key, build, lambda p: _manifest(p, key) is not None)
     log.info("prepared data: saved %s", target)
     return target
+
+
+def load_or_build(
+    root: Path, key: str, build: Callable[[], dict[str, PreparedSplit]]
+) -> tuple[dict[str, PreparedSplit], bool]:
+    """The splits under `key`, built and saved by `build()` when missing.
+
+    Processes preparing the same key at once (sweep trials, several train.py) take turns on a
+    lock per key: the first builds, the others wait and then load its entry, so the data is
+    tokenized once. Returns the splits and whether they came from the cache.
+    """
+    root = Path(root)
+    splits = load(root, key)
+    if splits is not None:
+        return splits, True
+    root.mkdir(parents=True, exist_ok=True)
+    (root / ".locks").mkdir(exist_ok=True)
+    with FileLock(root / ".locks" / f"{key}.lock"):
+        splits = load(root, key)  # built by whoever held the lock before us
+        if splits is not None:
+            return splits, True
+        splits = build()
+        save(root, key, splits)
+    return splits, False
