@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from lorafit.errors import LorafitError
 from lorafit.export import export
-from lorafit.strict_config import exit_on_unknown_keys
+from lorafit.strict_config import exit_on_config_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -27,5 +27,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_unknown_keys(Path(__file__).parent / "conf")
+    exit_on_config_errors(Path(__file__).parent / "conf")
     main()

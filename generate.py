@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from lorafit.errors import LorafitError
 from lorafit.evaluation import generate, load_trained
 from lorafit.prompts import alpaca_prompt
-from lorafit.strict_config import exit_on_unknown_keys
+from lorafit.strict_config import exit_on_config_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -41,5 +41,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_unknown_keys(Path(__file__).parent / "conf")
+    exit_on_config_errors(Path(__file__).parent / "conf", allowed_new_keys=("prompt", "input"))
     main()

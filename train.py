@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from lorafit.errors import LorafitError
-from lorafit.strict_config import exit_on_unknown_keys
+from lorafit.strict_config import exit_on_config_errors
 from lorafit.training import train
 
 
@@ -29,5 +29,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    exit_on_unknown_keys(Path(__file__).parent / "conf")
+    exit_on_config_errors(Path(__file__).parent / "conf")
     main()

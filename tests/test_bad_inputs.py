@@ -3,14 +3,22 @@ field, before any model weight is loaded, and leaves an existing run folder as i
 
 from __future__ import annotations
 
+import io
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save as safetensors_save
 
 from conftest import CONF_DIR, TINY, compose_config
+from lorafit.checkpoints import CheckpointError
 from lorafit.errors import LorafitError
-from lorafit.strict_config import unknown_key_error
+from lorafit.evaluation import evaluate
+from lorafit.strict_config import config_error
 from lorafit.training import train
 
 GOOD = {"instruction": "Say hi.", "input": "", "output": "hi"}
@@ -87,6 +95,86 @@ CASES = [
         ("rows.json", [GOOD] * 4),
         r"no usable example at sequence_len=8",
     ),
+    # Values Lightning or torch would reject late, or accept and train nothing.
+    ("max_steps below -1", ["trainer.max_steps=-2"], None, r"trainer\.max_steps=-2"),
+    ("max_steps zero", ["trainer.max_steps=0"], None, r"trainer\.max_steps=0.*train nothing"),
+    (
+        "max_epochs zero",
+        ["trainer.max_steps=-1", "trainer.max_epochs=0"],
+        None,
+        r"trainer\.max_epochs=0.*train nothing",
+    ),
+    (
+        "a run without an end",
+        ["trainer.max_steps=-1", "trainer.max_epochs=-1"],
+        None,
+        r"the run has no end",
+    ),
+    ("no devices", ["trainer.devices=0"], None, r"trainer\.devices=0"),
+    ("logging interval zero", ["trainer.log_every_n_steps=0"], None, r"log_every_n_steps=0"),
+    ("validation interval zero", ["trainer.val_check_interval=0"], None, r"val_check_interval=0"),
+    (
+        "validation fraction over one",
+        ["trainer.val_check_interval=1.5"],
+        None,
+        r"val_check_interval=1\.5",
+    ),
+    ("negative clipping", ["trainer.gradient_clip_val=-1"], None, r"gradient_clip_val=-1"),
+    (
+        "negative checkpoint interval",
+        ["callbacks.model_checkpoint.every_n_train_steps=-5"],
+        None,
+        r"callbacks\.model_checkpoint\.every_n_train_steps=-5",
+    ),
+    (
+        "retention below -1",
+        ["callbacks.model_checkpoint.save_top_k=-2"],
+        None,
+        r"callbacks\.model_checkpoint\.save_top_k=-2",
+    ),
+    (
+        "watchdog threshold zero",
+        ["callbacks.loss_watchdog.max_loss=0"],
+        None,
+        r"callbacks\.loss_watchdog\.max_loss=0",
+    ),
+    ("negative loader workers", ["data.num_workers=-1"], None, r"data\.num_workers=-1"),
+    ("seed not a number", ["seed=abc"], None, r"seed='abc': expected an integer"),
+    ("fractional seed", ["seed=1.5"], None, r"seed=1\.5: expected an integer"),
+    ("infinite learning rate", ["optimizer.lr=inf"], None, r"optimizer\.lr=inf"),
+    ("NaN learning rate", ["optimizer.lr=nan"], None, r"optimizer\.lr=nan"),
+    ("negative warmup", ["scheduler.warmup_steps=-1"], None, r"scheduler\.warmup_steps=-1"),
+    # Checked against the model's shape (its config on the meta device) before any weight.
+    (
+        "LoRA target the model lacks",
+        ["adapter.target_linear=false", "adapter.target_modules=[q_proj,c_attn]"],
+        None,
+        r"names \['c_attn'\], which this model does not have; its linear layers are down_proj",
+    ),
+    (
+        "target list that target_linear ignores",
+        ["adapter.target_modules=[q_proj,v_proj]"],
+        None,
+        r"target_modules=\['q_proj', 'v_proj'\] would be ignored",
+    ),
+    (
+        "sequence longer than the model's positions",
+        ["data.sequence_len=8192"],
+        None,
+        r"sequence_len=8192 is longer than the model's max_position_embeddings=4096",
+    ),
+    (
+        "JSON that stops parsing",
+        [],
+        ("rows.json", '[\n {"instruction": "x",\n  "output": }\n]'),
+        r"rows\.json: could not be read as json: line 3 column 13: Expecting value",
+    ),
+    (
+        "JSON Lines with a broken line",
+        [],
+        ("rows.jsonl", json.dumps(GOOD) + "\n" + json.dumps(GOOD)[:-3] + "\n"),
+        r"rows\.jsonl: could not be read as json: line 2 column \d+",
+    ),
 ]
 
 
@@ -114,6 +202,197 @@ def test_bad_input_stops_with_one_message_and_damages_nothing(
     assert _snapshot(out) == before
 
 
+def _real_checkpoint() -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.zeros(4096)}, "global_step": 3}, buffer)
+    return buffer.getvalue()
+
+
+def _not_a_checkpoint() -> bytes:
+    buffer = io.BytesIO()
+    torch.save([1, 2, 3], buffer)
+    return buffer.getvalue()
+
+
+def _adapter(config: object = None, weights: bytes | None = None) -> dict[str, bytes]:
+    """An adapter folder's files; the defaults are well-formed."""
+    if config is None:
+        config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
+    if weights is None:
+        weights = safetensors_save({"base_model.lora_A.weight": torch.zeros(8, 64)})
+    text = config if isinstance(config, str) else json.dumps(config)
+    return {
+        "adapter/adapter_config.json": text.encode(),
+        "adapter/adapter_model.safetensors": weights,
+    }
+
+
+GOOD_WEIGHTS = safetensors_save({"base_model.lora_A.weight": torch.zeros(8, 64)})
+
+# (case, overrides with {tmp} for the test's folder, files to create under it, message)
+FILE_CASES = [
+    (
+        "empty resume checkpoint",
+        ["resume_from_checkpoint={tmp}/a.ckpt"],
+        {"a.ckpt": b""},
+        r"resume_from_checkpoint=.*a\.ckpt: not a readable checkpoint",
+    ),
+    (
+        "text as resume checkpoint",
+        ["resume_from_checkpoint={tmp}/a.ckpt"],
+        {"a.ckpt": b"not a checkpoint at all\n"},
+        r"a\.ckpt: not a readable checkpoint",
+    ),
+    (
+        "truncated resume checkpoint",
+        ["resume_from_checkpoint={tmp}/a.ckpt"],
+        {"a.ckpt": _real_checkpoint()[:600]},
+        r"a\.ckpt: not a readable checkpoint",
+    ),
+    (
+        "foreign file as resume checkpoint",
+        ["resume_from_checkpoint={tmp}/a.ckpt"],
+        {"a.ckpt": _not_a_checkpoint()},
+        r"a\.ckpt: not a Lightning checkpoint",
+    ),
+    (
+        "resume run folder without checkpoints",
+        ["resume_from_checkpoint={tmp}/old"],
+        {"old/config.yaml": b"model: {}\n"},
+        r"resume_from_checkpoint=.*old.*does not exist",
+    ),
+    (
+        "missing starting adapter",
+        ["adapter.lora_model_dir={tmp}/nowhere"],
+        {},
+        r"adapter\.lora_model_dir=.*nowhere: no such folder",
+    ),
+    (
+        "starting adapter without its config",
+        ["adapter.lora_model_dir={tmp}/adapter"],
+        {"adapter/adapter_model.safetensors": GOOD_WEIGHTS},
+        r"no adapter_config\.json",
+    ),
+    (
+        "starting adapter config that does not parse",
+        ["adapter.lora_model_dir={tmp}/adapter"],
+        _adapter('{"peft_type": "LORA",\n "r": }'),
+        r"adapter_config\.json: not valid JSON \(line 2 column 7",
+    ),
+    (
+        "starting adapter that is not LoRA",
+        ["adapter.lora_model_dir={tmp}/adapter"],
+        _adapter({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 8}),
+        r"adapter_config\.json: not a LoRA adapter config \(peft_type 'PREFIX_TUNING'\)",
+    ),
+    (
+        "starting adapter without weights",
+        ["adapter.lora_model_dir={tmp}/adapter"],
+        {"adapter/adapter_config.json": _adapter()["adapter/adapter_config.json"]},
+        r"adapter_model\.safetensors is missing",
+    ),
+    (
+        "starting adapter with empty weights",
+        ["adapter.lora_model_dir={tmp}/adapter"],
+        _adapter(weights=b""),
+        r"adapter_model\.safetensors: not a readable safetensors file",
+    ),
+    (
+        "starting adapter with truncated weights",
+        ["adapter.lora_model_dir={tmp}/adapter"],
+        _adapter(weights=GOOD_WEIGHTS[:-100]),
+        r"adapter_model\.safetensors: not a readable safetensors file",
+    ),
+    (
+        "output folder that is a file",
+        ["output_dir={tmp}/taken"],
+        {"taken": b"x"},
+        r"output_dir=.*taken: .*taken is a file, not a folder",
+    ),
+    (
+        "output folder below a file",
+        ["output_dir={tmp}/taken/run"],
+        {"taken": b"x"},
+        r"output_dir=.*taken/run: .*taken is a file, so the folder cannot be created",
+    ),
+    (
+        "prepared-data folder that is a file",
+        ["data.dataset_prepared_path={tmp}/taken"],
+        {"taken": b"x"},
+        r"data\.dataset_prepared_path=.*taken is a file",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "overrides", "files", "message"), FILE_CASES, ids=[c[0] for c in FILE_CASES]
+)
+def test_unusable_files_and_folders_stop_with_one_message_and_damage_nothing(
+    tmp_path, case, overrides, files, message
+):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "last.ckpt").write_bytes(b"a previous run's checkpoint")
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    before = _snapshot(tmp_path)
+    overrides = [o.format(tmp=tmp_path) for o in overrides]
+    output = next((o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")), out)
+    with pytest.raises(LorafitError, match=message) as error:
+        train(compose_config([*TINY, *overrides], output))
+    assert "\n" not in str(error.value)
+    assert _snapshot(tmp_path) == before
+
+
+EVAL_CASES = [
+    ("empty checkpoint", "a.ckpt", {"a.ckpt": b""}, r"ckpt=.*a\.ckpt: not a readable checkpoint"),
+    (
+        "foreign checkpoint",
+        "a.ckpt",
+        {"a.ckpt": _not_a_checkpoint()},
+        r"a\.ckpt: not a Lightning checkpoint",
+    ),
+    (
+        "adapter config that does not parse",
+        "adapter",
+        _adapter("{"),
+        r"adapter_config\.json: not valid JSON \(line 1 column 2",
+    ),
+    (
+        "adapter with truncated weights",
+        "adapter",
+        _adapter(weights=GOOD_WEIGHTS[:50]),
+        r"adapter_model\.safetensors: not a readable safetensors file",
+    ),
+    (
+        "run folder with a damaged config",
+        "run",
+        {
+            "run/config.yaml": b"model: [unclosed\n",
+            **{f"run/{k}": v for k, v in _adapter().items()},
+        },
+        r"run/config\.yaml: not a readable run config",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "ckpt", "files", "message"), EVAL_CASES, ids=[c[0] for c in EVAL_CASES]
+)
+def test_eval_refuses_unreadable_checkpoints_before_building_a_model(
+    tmp_path, case, ckpt, files, message
+):
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    before = _snapshot(tmp_path)
+    with pytest.raises(CheckpointError, match=message) as error:
+        evaluate(compose_config([f"ckpt={tmp_path / ckpt}"], tmp_path / "eval"))
+    assert "\n" not in str(error.value)
+    assert _snapshot(tmp_path) == before and not (tmp_path / "eval").exists()
+
+
 @pytest.mark.parametrize(
     ("override", "meant"),
     [
@@ -124,11 +403,75 @@ def test_bad_input_stops_with_one_message_and_damages_nothing(
     ],
 )
 def test_an_unknown_key_suggests_the_key_meant(override, meant):
-    message = unknown_key_error(["experiment=tiny", override], CONF_DIR)
+    message = config_error(["experiment=tiny", override], CONF_DIR)
     assert f"unknown config key '{override.split('=')[0]}'" in message
     assert f"did you mean {meant}" in message
 
 
 def test_known_keys_and_sweeps_pass_the_unknown_key_check():
-    assert unknown_key_error(["experiment=tiny", "adapter.r=8"], CONF_DIR) is None
-    assert unknown_key_error(["adapter.r=8,16"], CONF_DIR) is None
+    assert config_error(["experiment=tiny", "adapter.r=8"], CONF_DIR) is None
+    assert config_error(["adapter.r=8,16"], CONF_DIR) is None
+
+
+COMMAND_LINE_CASES = [
+    (
+        "unknown group option",
+        ["adapter=qloraa"],
+        r"adapter=qloraa: no such option; did you mean "
+        r"adapter=qlora\? \(options: lora, lora_8bit, none, qlora\)",
+    ),
+    (
+        "unknown experiment",
+        ["experiment=nope"],
+        r"experiment=nope: no such option \(options: .*tiny",
+    ),
+    ("override that does not parse", ["adapter.r=[1"], r"bad override \(.*adapter\.r=\[1\)"),
+    ("adding a key that exists", ["+adapter.r=3"], r"Could not append to config"),
+    (
+        "adding a key nothing reads",
+        ["+learning_rate=1e-4"],
+        r"\+learning_rate adds a config key that nothing reads; did you mean optimizer\.lr",
+    ),
+    (
+        "adding an argument the trainer lacks",
+        ["+trainer.foo=1"],
+        r"\+trainer\.foo: lightning\.pytorch\.Trainer takes no argument 'foo'",
+    ),
+    (
+        "adding a misspelled adapter key",
+        ["+adapter.lora_r=8"],
+        r"LoraAdapter takes no argument 'lora_r'; did you mean adapter\.r",
+    ),
+    ("a bad value, before any folder exists", ["trainer.devices=0"], r"trainer\.devices=0"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "overrides", "message"), COMMAND_LINE_CASES, ids=[c[0] for c in COMMAND_LINE_CASES]
+)
+def test_command_line_errors_are_one_line(case, overrides, message):
+    error = config_error(["experiment=tiny", *overrides], CONF_DIR)
+    assert error is not None and "\n" not in error
+    assert re.search(message, error), error
+
+
+def test_arguments_the_config_takes_pass_the_command_line_check():
+    assert config_error(["+optimizer.betas=[0.9,0.95]"], CONF_DIR) is None  # AdamW takes it
+    assert config_error(["+prompt=Hi."], CONF_DIR, allowed_new_keys=("prompt",)) is None
+    assert config_error(["hparams_search=optuna", "experiment=tiny"], CONF_DIR) is None
+
+
+@pytest.mark.parametrize(
+    ("script", "arguments"),
+    [
+        ("train.py", ["adapter=qloraa"]),  # Hydra's composition error, before the run starts
+        ("eval.py", ["ckpt={tmp}/empty.ckpt"]),  # a LorafitError inside the run
+    ],
+)
+def test_entry_points_exit_with_status_2_and_one_line(tmp_path, script, arguments):
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    command = [sys.executable, str(CONF_DIR.parent / script)]
+    command += [a.format(tmp=tmp_path) for a in arguments] + [f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stdout + done.stderr

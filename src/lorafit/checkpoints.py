@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from peft import set_peft_model_state_dict
 from peft.utils import load_peft_weights
+from safetensors import safe_open
 
 from lorafit.errors import LorafitError
 
@@ -48,12 +49,85 @@ class Checkpoint:
         return OmegaConf.load(self.run_dir / "config.yaml")
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def read_checkpoint(path: Path, key: str) -> dict:
+    """A Lightning .ckpt file's contents (tensors only, nothing executed), or a CheckpointError
+    naming the file and what is wrong with it: empty, truncated, or not a checkpoint."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - torch reports damage with many types
+        raise CheckpointError(
+            f"{key}={path}: not a readable checkpoint ({_first_line(error)})"
+        ) from error
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise CheckpointError(f"{key}={path}: not a Lightning checkpoint (it has no state_dict)")
+    return state
+
+
+def check_adapter_folder(folder: Path, key: str) -> None:
+    """Refuse, naming the file, a folder that is not a readable peft LoRA adapter."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{key}={folder}: no such folder")
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{key}={folder}: no adapter_config.json, not a peft adapter folder")
+    try:
+        saved = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(
+            f"{config_file}: not valid JSON (line {error.lineno} column {error.colno}: {error.msg})"
+        ) from error
+    except UnicodeDecodeError as error:
+        raise CheckpointError(f"{config_file}: not a text file ({error.reason})") from error
+    if not isinstance(saved, dict) or saved.get("peft_type") != "LORA" or "r" not in saved:
+        kind = saved.get("peft_type") if isinstance(saved, dict) else type(saved).__name__
+        raise CheckpointError(f"{config_file}: not a LoRA adapter config (peft_type {kind!r})")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{key}={folder}: adapter_model.safetensors is missing")
+    try:
+        with safe_open(weights, "pt") as handle:
+            names = list(handle.keys())
+            for name in names:  # reads every tensor: a truncated file fails here, not later
+                handle.get_slice(name)[:]
+    except Exception as error:  # noqa: BLE001 - safetensors reports damage with many types
+        raise CheckpointError(
+            f"{weights}: not a readable safetensors file ({_first_line(error)})"
+        ) from error
+    if not names:
+        raise CheckpointError(f"{weights}: holds no weights")
+
+
 def _run_of(folder: Path) -> Path | None:
     return folder if (folder / "config.yaml").is_file() else None
 
 
 def resolve(ckpt: str | None) -> Checkpoint:
-    """Classify `ckpt`; raises CheckpointError naming the path when it cannot be used."""
+    """Classify `ckpt` and check that its files can be read, before any model is built;
+    raises CheckpointError naming the file and what is wrong with it."""
+    checkpoint = _classify(ckpt)
+    if checkpoint.kind == "lightning":
+        read_checkpoint(checkpoint.path, "ckpt")
+    elif checkpoint.kind == "adapter":
+        check_adapter_folder(checkpoint.path, "ckpt")
+    if checkpoint.run_dir is not None:
+        config_file = checkpoint.run_dir / "config.yaml"
+        try:
+            loaded = OmegaConf.load(config_file)
+        except Exception as error:  # noqa: BLE001 - YAML and OmegaConf errors alike
+            raise CheckpointError(
+                f"{config_file}: not a readable run config ({_first_line(error)})"
+            ) from error
+        if not isinstance(loaded, DictConfig) or "model" not in loaded:
+            raise CheckpointError(f"{config_file}: not a lorafit run config (no model section)")
+    return checkpoint
+
+
+def _classify(ckpt: str | None) -> Checkpoint:
     if ckpt is None or str(ckpt).lower() == "none":
         return Checkpoint("none")
     path = Path(str(ckpt)).expanduser()
@@ -123,7 +197,7 @@ def load_weights(module: torch.nn.Module, checkpoint: Checkpoint) -> None:
     if checkpoint.kind == "none":
         return  # a fresh LoRA adapter has B = 0: the model is exactly the base
     if checkpoint.kind == "lightning":
-        state = torch.load(checkpoint.path, map_location="cpu", weights_only=True)["state_dict"]
+        state = read_checkpoint(checkpoint.path, "ckpt")["state_dict"]
         expected = {n: p for n, p in module.named_parameters() if p.requires_grad}
         _check_match(checkpoint, set(state), set(expected))
         for name, tensor in state.items():

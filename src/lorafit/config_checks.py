@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import os
 import re
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -93,11 +96,22 @@ def check_values(cfg: DictConfig) -> None:
         "truncate or drop",
     )
     _require(
-        _is_number(cfg.optimizer.lr) and cfg.optimizer.lr > 0,
+        _is_number(cfg.optimizer.lr) and math.isfinite(cfg.optimizer.lr) and cfg.optimizer.lr > 0,
         "optimizer.lr",
         cfg.optimizer.lr,
-        "a number > 0",
+        "a finite number > 0",
     )
+    _require(_is_int(cfg.seed), "seed", cfg.seed, "an integer")
+    _require(
+        _is_int(data.get("num_workers", 0)) and data.get("num_workers", 0) >= 0,
+        "data.num_workers",
+        data.get("num_workers"),
+        "an integer >= 0",
+    )
+    warmup = cfg.get("scheduler", {}).get("warmup_steps", 0)
+    _require(_is_int(warmup) and warmup >= 0, "scheduler.warmup_steps", warmup, "an integer >= 0")
+    check_trainer(cfg.trainer)
+    check_callbacks(cfg.get("callbacks") or {})
     _require(model.dtype in DTYPES, "model.dtype", model.dtype, " or ".join(DTYPES))
     _require(
         model.attn_implementation in ATTENTION,
@@ -107,6 +121,125 @@ def check_values(cfg: DictConfig) -> None:
     )
 
 
+def check_trainer(trainer: DictConfig) -> None:
+    """The Trainer values Lightning or torch would reject late, or accept and train nothing."""
+    steps, epochs = trainer.get("max_steps", -1), trainer.get("max_epochs")
+    _require(
+        _is_int(steps) and (steps == -1 or steps > 0),
+        "trainer.max_steps",
+        steps,
+        "an integer > 0, or -1 to let trainer.max_epochs decide (0 would train nothing)",
+    )
+    _require(
+        epochs is None or (_is_int(epochs) and (epochs == -1 or epochs > 0)),
+        "trainer.max_epochs",
+        epochs,
+        "an integer > 0, -1 or null (0 would train nothing)",
+    )
+    if steps == -1 and (epochs is None or epochs == -1):
+        raise ConfigError(
+            f"trainer.max_steps={steps} and trainer.max_epochs={epochs}: the run has no end; "
+            "set one of them"
+        )
+    devices = trainer.get("devices", 1)
+    _require(
+        devices == "auto"
+        or (_is_int(devices) and (devices >= 1 or devices == -1))
+        or (isinstance(devices, str) and devices.strip() not in ("", "0"))
+        or (OmegaConf.is_list(devices) and len(devices) > 0),
+        "trainer.devices",
+        devices,
+        "a count >= 1, -1 (all), auto, or a list of device indices",
+    )
+    every = trainer.get("log_every_n_steps", 1)
+    _require(_is_int(every) and every >= 1, "trainer.log_every_n_steps", every, "an integer >= 1")
+    interval = trainer.get("val_check_interval", 1.0)
+    _require(
+        (_is_int(interval) and interval >= 1)
+        or (_is_number(interval) and 0 < interval <= 1)
+        or interval is None,
+        "trainer.val_check_interval",
+        interval,
+        "a count of training batches >= 1, or a fraction of an epoch in (0, 1]",
+    )
+    per_epoch = trainer.get("check_val_every_n_epoch", 1)
+    _require(
+        per_epoch is None or (_is_int(per_epoch) and per_epoch >= 1),
+        "trainer.check_val_every_n_epoch",
+        per_epoch,
+        "an integer >= 1 or null",
+    )
+    limit = trainer.get("limit_val_batches", 1.0)
+    _require(
+        (_is_int(limit) and limit >= 0) or (_is_number(limit) and 0 <= limit <= 1),
+        "trainer.limit_val_batches",
+        limit,
+        "a count >= 0 or a fraction in [0, 1]",
+    )
+    clip = trainer.get("gradient_clip_val")
+    _require(
+        clip is None or (_is_number(clip) and math.isfinite(clip) and clip >= 0),
+        "trainer.gradient_clip_val",
+        clip,
+        "a finite number >= 0 or null",
+    )
+
+
+def check_callbacks(callbacks: DictConfig) -> None:
+    """Checkpoint intervals and retention, and the loss watchdog's threshold."""
+    for name, entry in callbacks.items():
+        if entry is None:
+            continue
+        for key in ("every_n_train_steps", "every_n_epochs"):
+            value = entry.get(key)
+            _require(
+                value is None or (_is_int(value) and value >= 0),
+                f"callbacks.{name}.{key}",
+                value,
+                "an integer >= 0 (0 = never) or null",
+            )
+        top_k = entry.get("save_top_k")
+        _require(
+            top_k is None or (_is_int(top_k) and top_k >= -1),
+            f"callbacks.{name}.save_top_k",
+            top_k,
+            "an integer >= -1 (-1 = keep all)",
+        )
+        max_loss = entry.get("max_loss")
+        _require(
+            max_loss is None or (_is_number(max_loss) and max_loss > 0),
+            f"callbacks.{name}.max_loss",
+            max_loss,
+            "a number > 0 or null",
+        )
+
+
+def check_folder(key: str, value: object) -> None:
+    """A folder the run will write into: not a file, and not below one."""
+    if value is None:
+        return
+    path = Path(str(value)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}={value}: {path} is a file, not a folder")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"{key}={value}: {parent} is a file, so the folder cannot be created")
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={value}: {parent} cannot be written")
+
+
+def writable_folder(key: str, value: str | Path) -> Path:
+    """Create the folder `key` names, as one ConfigError when the file system refuses."""
+    path = Path(value).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"{key}={value}: the folder cannot be created ({error.strerror})"
+        ) from error
+    return path
+
+
 def check_config(cfg: DictConfig) -> int:
     """Validate what can be checked from the config alone; returns the gradient accumulation."""
     # OmegaConf spells list items key[0]; overrides on the command line spell them key.0.
@@ -114,6 +247,8 @@ def check_config(cfg: DictConfig) -> int:
     if missing:
         raise ConfigError(f"set {', '.join(missing)} (e.g. {missing[0]}=...): it has no value")
     check_values(cfg)
+    check_folder("output_dir", cfg.output_dir)
+    check_folder("data.dataset_prepared_path", cfg.data.get("dataset_prepared_path"))
     if cfg.data.get("sample_packing"):
         check_backend(cfg.model.attn_implementation)
     return gradient_accumulation(cfg)

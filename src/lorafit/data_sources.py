@@ -6,6 +6,8 @@ any model is loaded.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -14,6 +16,8 @@ from typing import Any
 import datasets
 
 from lorafit.errors import LorafitError
+
+log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -45,8 +49,28 @@ def _load_local(path: Path) -> datasets.Dataset:
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:  # noqa: BLE001 - any parser failure becomes one clear message
-        reason = str(error) or type(error).__name__
+        where = _json_syntax_error(path) if builder == "json" else None
+        reason = where or " ".join((str(error) or type(error).__name__).split())
         raise DataError(f"{path}: could not be read as {builder}: {reason}") from error
+
+
+def _json_syntax_error(path: Path) -> str | None:
+    """Where a JSON or JSON Lines file stops parsing, as `line L column C: reason`."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as error:
+                return f"line {number} column {error.colno}: {error.msg}"
+        return None
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as error:
+        return f"line {error.lineno} column {error.colno}: {error.msg}"
+    return None
 
 
 def _load_hub(path: str, revision: str | None, split: str) -> datasets.Dataset:
@@ -106,6 +130,17 @@ def check_alpaca_rows(rows: datasets.Dataset, name: str) -> None:
                 )
         if not instruction.strip():
             raise DataError(f"{name}: row {index} has an empty 'instruction'")
+    empty = [i for i, output in enumerate(rows["output"]) if not output.strip()]
+    if empty:
+        # Kept (some data sets mean "no answer"), but such a row teaches only the EOS token.
+        log.warning(
+            "%s: %d row(s) have an empty 'output' (rows %s%s) and train on the end-of-sequence "
+            "token alone",
+            name,
+            len(empty),
+            ", ".join(map(str, empty[:5])),
+            ", ..." if len(empty) > 5 else "",
+        )
 
 
 def load_alpaca(sources: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:

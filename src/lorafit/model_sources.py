@@ -1,8 +1,9 @@
 """Where a base model and its tokenizer come from: the Hub, a random Mistral (tiny, or of
 Mistral-7B's shape), or a GGUF file shipped inside a Python package.
 
-Each source is built from `conf/model/*.yaml` by Hydra and answers two calls:
-`load_tokenizer()` and `load_model(...)`. The offline sources write an ordinary transformers
+Each source is built from `conf/model/*.yaml` by Hydra and answers three calls:
+`load_tokenizer()`, `load_config()` (the shape alone, for checks before any weight loads) and
+`load_model(...)`. The offline sources write an ordinary transformers
 folder into a cache once, so every source then loads through the same `from_pretrained` path,
 quantization included.
 """
@@ -20,11 +21,13 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaTokenizer,
     MistralConfig,
     MistralForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -141,6 +144,16 @@ class HubModel:
             ) from error
         return _with_pad_token(tokenizer)
 
+    def load_config(self) -> PretrainedConfig:
+        """The model's config alone (config.json): its shape, without any weight."""
+        try:
+            return AutoConfig.from_pretrained(self.repo_id, **self._kwargs())
+        except OSError as error:
+            raise ModelSourceError(
+                f"could not load the config of model {self.repo_id!r} (revision "
+                f"{self.revision}): {error}"
+            ) from error
+
     def load_model(self, **kwargs: Any) -> PreTrainedModel:
         try:
             return _from_pretrained(self.repo_id, **kwargs, **self._kwargs())
@@ -231,6 +244,9 @@ class RandomMistral:
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         return mistral_tokenizer()
 
+    def load_config(self) -> PretrainedConfig:
+        return copy.deepcopy(self.config)
+
     def load_model(self, **kwargs: Any) -> PreTrainedModel:
         return _from_pretrained(publish(self.folder(), self._write), **kwargs)
 
@@ -275,6 +291,9 @@ class GGUFPackageModel:
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         return _with_pad_token(AutoTokenizer.from_pretrained(self.prepare()))
+
+    def load_config(self) -> PretrainedConfig:
+        return AutoConfig.from_pretrained(self.prepare())
 
     def load_model(self, **kwargs: Any) -> PreTrainedModel:
         return _from_pretrained(self.prepare(), **kwargs)

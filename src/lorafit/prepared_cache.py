@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lorafit import prompts
 from lorafit.atomic_folder import publish
+from lorafit.config_checks import writable_folder
 from lorafit.examples import TokenizedExamples
 
 log = logging.getLogger(__name__)
@@ -172,8 +173,7 @@ def load_or_build(
     splits = load(root, key)
     if splits is not None:
         return splits, True
-    root.mkdir(parents=True, exist_ok=True)
-    (root / ".locks").mkdir(exist_ok=True)
+    writable_folder("data.dataset_prepared_path", root / ".locks")
     with FileLock(root / ".locks" / f"{key}.lock"):
         splits = load(root, key)  # built by whoever held the lock before us
         if splits is not None:

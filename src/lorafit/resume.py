@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lorafit.checkpoints import read_checkpoint
 from lorafit.config_checks import ConfigError
 
 FINGERPRINT_KEY = "lorafit_fingerprint"
@@ -55,7 +55,7 @@ def fingerprint(cfg: DictConfig, rows: Any) -> dict[str, Any]:
 
 def check_matches(path: Path, current: dict[str, Any], force: bool) -> None:
     """Raise ConfigError naming every difference between the checkpoint's run and this one."""
-    saved = torch.load(path, map_location="cpu", weights_only=True).get(FINGERPRINT_KEY)
+    saved = read_checkpoint(path, "resume_from_checkpoint").get(FINGERPRINT_KEY)
     if saved is None or force:
         return
     differences = [

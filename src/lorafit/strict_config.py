@@ -1,4 +1,4 @@
-"""An unknown config key is an error that suggests the key meant, before anything runs.
+"""A bad command line is one error line that suggests what was meant, before anything runs.
 
 Hydra already refuses keys that are not in the config; this adds the nearest valid names
 ("did you mean adapter.r?"), including the Axolotl-style names of the source config
@@ -8,14 +8,18 @@ Hydra already refuses keys that are not in the config; this adds the nearest val
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException
-from omegaconf import DictConfig
+from hydra.errors import HydraException
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
+
+from lorafit.config_checks import ConfigError, check_values
 
 # The article's (Axolotl-style) names, and where they live here.
 ALIASES = {
@@ -64,35 +68,117 @@ def suggestions(unknown: str, valid: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(found))[:3]
 
 
-def unknown_key_error(
-    overrides: Sequence[str], config_dir: Path, config_name: str = "train"
+def _group_option_error(error: Exception) -> str | None:
+    """`adapter=qloraa`: the group, the option asked for and the options that exist."""
+    text = str(error)
+    match = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
+    if match is None:
+        return None
+    group, option = match.groups()
+    listed = text.split(f"Available options in '{group}':", 1)[-1].split("Config search path")[0]
+    options = listed.split()
+    near = difflib.get_close_matches(option, options, n=1, cutoff=0.6)
+    hint = f"; did you mean {group}={near[0]}?" if near else ""
+    return f"{group}={option}: no such option{hint} (options: {', '.join(options)})"
+
+
+def _unknown_key_message(unknown: str, overrides: Sequence[str], config_name: str) -> str:
+    others = [o for o in overrides if not o.lstrip("+~").startswith(unknown + "=")]
+    valid = _leaf_keys(compose(config_name, overrides=others))
+    near = suggestions(unknown, valid)
+    hint = f"; did you mean {' or '.join(near)}?" if near else ""
+    return f"unknown config key {unknown!r}{hint}"
+
+
+def _constructor_takes(node: DictConfig, name: str) -> tuple[bool, list[str]]:
+    """Whether the `_target_` of `node` accepts the argument `name`, and the ones it names."""
+    try:
+        parameters = inspect.signature(get_object(node["_target_"])).parameters
+    except (ImportError, ValueError, TypeError):
+        return True, []  # cannot tell: let instantiation decide
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return True, []
+    return name in parameters, list(parameters)
+
+
+def _added_key_error(
+    added: Sequence[str],
+    composed: DictConfig,
+    groups: Sequence[str],
+    allowed: Sequence[str],
+    valid: list[str],
 ) -> str | None:
-    """One line naming an override's unknown key and the closest valid ones, or None."""
+    # `+key=value` adds a key to the config. Under an object built from config (`_target_`)
+    # it becomes a constructor argument, which must exist; anywhere else nothing reads it, and
+    # accepting it would be a silent no-op.
+    for override in added:
+        key = override.lstrip("+").split("=", 1)[0]
+        if key in groups or key in allowed:
+            continue
+        parent, _, name = key.rpartition(".")
+        node = OmegaConf.select(composed, parent) if parent else None
+        if isinstance(node, DictConfig) and "_target_" in node:
+            takes, names = _constructor_takes(node, name)
+            if takes:
+                continue
+            near = [k for k in suggestions(key, valid) if k.startswith(parent + ".")]
+            near += [f"{parent}.{n}" for n in difflib.get_close_matches(name, names, n=3)]
+            near = list(dict.fromkeys(near))[:3]
+            hint = f"; did you mean {' or '.join(near)}?" if near else ""
+            return f"+{key}: {node['_target_']} takes no argument {name!r}{hint}"
+        near = suggestions(key, valid)
+        hint = f"; did you mean {' or '.join(near)}?" if near else ""
+        return f"+{key} adds a config key that nothing reads{hint}"
+    return None
+
+
+def config_error(
+    overrides: Sequence[str],
+    config_dir: Path,
+    config_name: str = "train",
+    allowed_new_keys: Sequence[str] = (),
+) -> str | None:
+    """One line saying what is wrong with the command line's overrides, or None.
+
+    Unknown keys get the closest valid ones, unknown group options the options that exist,
+    and `+key=...` for a key nothing reads (`allowed_new_keys` excepted) is refused rather than
+    silently ignored. Any other composition error is Hydra's message on one line.
+    """
     if any(SWEEP_SYNTAX.search(o.split("=", 1)[-1]) for o in overrides if "=" in o):
         return None  # sweeps are expanded by Hydra itself, which still refuses unknown keys
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         try:
-            compose(config_name, overrides=list(overrides))
-            return None
-        except ConfigCompositionException as error:
+            composed = compose(config_name, overrides=list(overrides))
+        except HydraException as error:
             match = re.search(r"Could not override '([^']+)'", str(error))
-            if match is None:
-                return None  # not an unknown key: Hydra's own message says what is wrong
-            unknown = match.group(1)
-            others = [o for o in overrides if not o.lstrip("+~").startswith(unknown + "=")]
-            valid = _leaf_keys(compose(config_name, overrides=others))
-    near = suggestions(unknown, valid)
-    hint = f"; did you mean {' or '.join(near)}?" if near else ""
-    return f"unknown config key {unknown!r}{hint} (add a new key with +{unknown}=...)"
+            if match is not None:
+                return _unknown_key_message(match.group(1), overrides, config_name)
+            reason = " ".join(str(error).split("\nSee ")[0].split())
+            return _group_option_error(error) or f"bad override ({' '.join(overrides)}): {reason}"
+        added = [o for o in overrides if o.startswith("+") and not o.startswith("++")]
+        if added:
+            groups = [p.name for p in config_dir.iterdir() if p.is_dir()]
+            kept = [o for o in overrides if o not in added]
+            valid = _leaf_keys(compose(config_name, overrides=kept))
+            message = _added_key_error(added, composed, groups, allowed_new_keys, valid)
+            if message:
+                return message
+    try:
+        check_values(composed)  # values alone, before Hydra creates a run folder
+    except ConfigError as error:
+        return str(error)
+    return None
 
 
-def exit_on_unknown_keys(config_dir: Path, argv: Sequence[str] | None = None) -> None:
-    """For entry points: stop with the suggestion before Hydra starts the run."""
+def exit_on_config_errors(
+    config_dir: Path, argv: Sequence[str] | None = None, allowed_new_keys: Sequence[str] = ()
+) -> None:
+    """For entry points: stop with one line and status 2 before Hydra starts the run."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     if any(a.startswith("-") for a in arguments):
         return  # --help, --cfg, -m ...: Hydra's own modes
     overrides = [a for a in arguments if "=" in a and not a.lstrip("+~").startswith("hydra.")]
-    message = unknown_key_error(overrides, config_dir)
+    message = config_error(overrides, config_dir, allowed_new_keys=allowed_new_keys)
     if message:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -14,8 +14,9 @@ from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lorafit.config_checks import check_config
+from lorafit.config_checks import check_config, writable_folder
 from lorafit.datamodule import AlpacaDataModule
+from lorafit.model_checks import check_model_fits
 from lorafit.module import CausalLMModule
 from lorafit.resume import check_matches, checkpoint_path, fingerprint
 from lorafit.tracking import finish as finish_trackers
@@ -38,6 +39,23 @@ def _callbacks(cfg: DictConfig) -> list[Callback]:
     return callbacks
 
 
+def _fit_validation_interval(cfg: DictConfig, datamodule: AlpacaDataModule) -> None:
+    """Lightning refuses a validation interval (in batches) longer than an epoch, which sample
+    packing makes easy to ask for: validate at each epoch's end instead, and say so."""
+    interval = cfg.trainer.get("val_check_interval")
+    if not isinstance(interval, int) or isinstance(interval, bool):
+        return
+    batches = len(datamodule.train_dataloader())
+    if interval > batches:
+        log.warning(
+            "trainer.val_check_interval=%d is more than the %d training batches of an epoch "
+            "(packing makes few rows): validating at the end of each epoch instead",
+            interval,
+            batches,
+        )
+        cfg.trainer.val_check_interval = batches
+
+
 @dataclass
 class Run:
     """What a run is made of, wired from one config and not yet fitted."""
@@ -55,16 +73,18 @@ def build_run(cfg: DictConfig) -> Run:
     is written; then the run folder gets the resolved config.
     """
     accumulate = check_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.load_rows()
     datamodule.tokenizer = instantiate(cfg.model.source).load_tokenizer()
     datamodule.setup("fit")  # tokenize and pack now: data that cannot train fails here
+    check_model_fits(cfg)  # LoRA targets, positions, starting adapter: from the shape alone
+    _fit_validation_interval(cfg, datamodule)
     resume = checkpoint_path(cfg.resume_from_checkpoint)
     run_fingerprint = fingerprint(cfg, datamodule.load_rows())
     if resume is not None:
         check_matches(resume, run_fingerprint, cfg.resume_force)
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = writable_folder("output_dir", cfg.output_dir)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if datamodule.dataset_prepared_path:
         # Which prepared data the run used, and whether it came from the cache.
@@ -90,7 +110,6 @@ def build_run(cfg: DictConfig) -> Run:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fine-tune as `cfg` says and return the final logged metrics (train/loss, val/loss...)."""
-    pl.seed_everything(cfg.seed, workers=True)
     run = build_run(cfg)
     log_run_config(run.trainer, cfg)
     if cfg.validate_before_training:
