@@ -163,6 +163,42 @@ CASES = [
         None,
         r"sequence_len=8192 is longer than the model's max_position_embeddings=4096",
     ),
+    # Values a constructor refuses (Lightning, torch optimizers, transformers configs): tried on
+    # the config or a stand-in before the model loads, and named by their key.
+    ("unknown precision", ["trainer.precision=banana"], None, r"trainer: ValueError: Precision"),
+    ("negative weight decay", ["optimizer.weight_decay=-1"], None, r"optimizer: .*weight_decay"),
+    ("beta over one", ["optimizer.betas=[1.5,0.9]"], None, r"optimizer: .*beta parameter"),
+    (
+        "negative momentum",
+        ["optimizer=sgd", "optimizer.momentum=-1"],
+        None,
+        r"optimizer: .*momentum",
+    ),
+    (
+        "model of width zero",
+        ["model.source.hidden_size=0"],
+        None,
+        r"model: its config does not build a model",
+    ),
+    (
+        "heads that do not divide the width",
+        ["model.source.num_attention_heads=3"],
+        None,
+        r"model\.source: ",
+    ),
+    ("sanity steps below -1", ["trainer.num_sanity_val_steps=-5"], None, r"num_sanity_val_steps"),
+    ("switch that is not a switch", ["data.sample_packing=banana"], None, r"true or false"),
+    ("number as a switch", ["model.gradient_checkpointing=3"], None, r"true or false"),
+    ("unknown wandb watch", ["logger=wandb", "logger.wandb.watch=weights"], None, r"wandb\.watch"),
+    (
+        "nothing to adapt",
+        ["adapter.target_linear=false", "adapter.target_modules=[]"],
+        None,
+        r"nothing would be adapted",
+    ),
+    ("no new tokens to generate", ["eval.max_new_tokens=0"], None, r"eval\.max_new_tokens=0"),
+    ("zero temperature", ["eval.temperature=0"], None, r"eval\.temperature=0"),
+    ("unknown export dtype", ["export.dtype=float8"], None, r"export\.dtype='float8'"),
     (
         "JSON that stops parsing",
         [],
@@ -314,6 +350,18 @@ FILE_CASES = [
         ["output_dir={tmp}/taken/run"],
         {"taken": b"x"},
         r"output_dir=.*taken/run: .*taken is a file, so the folder cannot be created",
+    ),
+    (
+        "output folder that cannot be written",
+        ["output_dir=/proc/lorafit-run"],
+        {},
+        r"output_dir=/proc/lorafit-run: /proc cannot be written",
+    ),
+    (
+        "checkpoint folder that cannot be written",
+        ["callbacks.model_checkpoint.dirpath=/proc/lorafit-checkpoints"],
+        {},
+        r"callbacks\.model_checkpoint\.dirpath=.*cannot be written",
     ),
     (
         "prepared-data folder that is a file",
@@ -475,3 +523,10 @@ def test_entry_points_exit_with_status_2_and_one_line(tmp_path, script, argument
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "Traceback" not in done.stdout + done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_asking_for_a_gpu_without_one_is_refused_with_the_cpu_option(tmp_path):
+    with pytest.raises(LorafitError, match=r"trainer\.accelerator=gpu, but .* trainer=cpu"):
+        train(compose_config([*TINY, "trainer.accelerator=gpu"], tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

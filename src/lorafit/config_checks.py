@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import os
 import re
+import tempfile
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lorafit.errors import LorafitError
@@ -41,6 +43,7 @@ def gradient_accumulation(cfg: DictConfig) -> int:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+WANDB_WATCH = ("gradients", "parameters", "all")
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
@@ -110,8 +113,11 @@ def check_values(cfg: DictConfig) -> None:
     )
     warmup = cfg.get("scheduler", {}).get("warmup_steps", 0)
     _require(_is_int(warmup) and warmup >= 0, "scheduler.warmup_steps", warmup, "an integer >= 0")
+    check_switches(cfg)
     check_trainer(cfg.trainer)
     check_callbacks(cfg.get("callbacks") or {})
+    check_logger(cfg.get("logger") or {})
+    check_eval(cfg)
     _require(model.dtype in DTYPES, "model.dtype", model.dtype, " or ".join(DTYPES))
     _require(
         model.attn_implementation in ATTENTION,
@@ -119,6 +125,56 @@ def check_values(cfg: DictConfig) -> None:
         model.attn_implementation,
         ", ".join(ATTENTION),
     )
+
+
+# Switches that are true or false; "banana" or 3 would silently read as one or the other.
+SWITCHES = (
+    "model.gradient_checkpointing",
+    "data.sample_packing",
+    "data.pad_to_sequence_len",
+    "data.train_on_inputs",
+    "adapter.target_linear",
+    "adapter.fan_in_fan_out",
+    "validate_before_training",
+    "resume_force",
+    "eval.do_sample",
+)
+
+
+def check_switches(cfg: DictConfig) -> None:
+    for key in SWITCHES:
+        value = OmegaConf.select(cfg, key, default=False)
+        _require(isinstance(value, bool), key, value, "true or false")
+
+
+def check_logger(logger: DictConfig) -> None:
+    wandb = logger.get("wandb")
+    if wandb is not None and wandb.get("watch") is not None:
+        watch = wandb.watch
+        _require(
+            watch in WANDB_WATCH, "logger.wandb.watch", watch, f"{', '.join(WANDB_WATCH)} or null"
+        )
+
+
+def check_eval(cfg: DictConfig) -> None:
+    """eval.py, generate.py and export.py settings, refused before a model loads."""
+    settings = cfg.get("eval") or {}
+    for key, least in (("max_samples", 0), ("max_new_tokens", 1), ("report_samples", 0)):
+        value = settings.get(key, least)
+        _require(_is_int(value) and value >= least, f"eval.{key}", value, f"an integer >= {least}")
+    temperature = settings.get("temperature", 1.0)
+    _require(
+        _is_number(temperature) and math.isfinite(temperature) and temperature > 0,
+        "eval.temperature",
+        temperature,
+        "a finite number > 0",
+    )
+    export = cfg.get("export") or {}
+    if "dtype" in export:
+        _require(export.dtype in DTYPES, "export.dtype", export.dtype, " or ".join(DTYPES))
+    for key in ("max_kl", "max_loss_delta"):
+        value = export.get(key, 0)
+        _require(_is_number(value) and value >= 0, f"export.{key}", value, "a number >= 0")
 
 
 def check_trainer(trainer: DictConfig) -> None:
@@ -176,6 +232,13 @@ def check_trainer(trainer: DictConfig) -> None:
         limit,
         "a count >= 0 or a fraction in [0, 1]",
     )
+    sanity = trainer.get("num_sanity_val_steps", 0)
+    _require(
+        _is_int(sanity) and sanity >= -1,
+        "trainer.num_sanity_val_steps",
+        sanity,
+        "an integer >= 0, or -1 for all",
+    )
     clip = trainer.get("gradient_clip_val")
     _require(
         clip is None or (_is_number(clip) and math.isfinite(clip) and clip >= 0),
@@ -224,8 +287,13 @@ def check_folder(key: str, value: object) -> None:
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise ConfigError(f"{key}={value}: {parent} is a file, so the folder cannot be created")
-    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={value}: {parent} cannot be written")
+    if parent is not None:
+        try:  # the file system's own answer (permissions, read-only mounts, /proc), then undone
+            os.rmdir(tempfile.mkdtemp(prefix=".lorafit-probe-", dir=parent))
+        except OSError as error:
+            raise ConfigError(
+                f"{key}={value}: {parent} cannot be written ({error.strerror})"
+            ) from error
 
 
 def writable_folder(key: str, value: str | Path) -> Path:
@@ -249,6 +317,16 @@ def check_config(cfg: DictConfig) -> int:
     check_values(cfg)
     check_folder("output_dir", cfg.output_dir)
     check_folder("data.dataset_prepared_path", cfg.data.get("dataset_prepared_path"))
+    for name, entry in (cfg.get("callbacks") or {}).items():
+        if entry is not None and entry.get("dirpath") is not None:
+            check_folder(f"callbacks.{name}.dirpath", entry.dirpath)
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}, but torch sees no CUDA device here; train on "
+            "the CPU with trainer=cpu (or trainer.accelerator=cpu), or install a CUDA build of "
+            "torch on a machine with a GPU"
+        )
     if cfg.data.get("sample_packing"):
         check_backend(cfg.model.attn_implementation)
     return gradient_accumulation(cfg)

@@ -10,12 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM
 
 from lorafit.checkpoints import check_adapter_folder
 from lorafit.config_checks import ConfigError
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def module_names(config: object) -> tuple[set[str], set[str]]:
@@ -36,7 +42,11 @@ def module_names(config: object) -> tuple[set[str], set[str]]:
 def check_model_fits(cfg: DictConfig) -> None:
     """Refuse LoRA targets the model lacks, a target list `target_linear` would ignore, a
     sequence longer than the model's positions, and an unreadable starting adapter."""
-    config = instantiate(cfg.model.source).load_config()
+    try:
+        config = instantiate(cfg.model.source).load_config()
+    except (InstantiationException, ValueError, TypeError) as error:
+        cause = error.__cause__ or error
+        raise ConfigError(f"model.source: {type(cause).__name__}: {_first_line(cause)}") from error
     positions = getattr(config, "max_position_embeddings", None)
     if positions and cfg.data.sequence_len > positions:
         raise ConfigError(
@@ -48,8 +58,19 @@ def check_model_fits(cfg: DictConfig) -> None:
         check_adapter_folder(Path(adapter.lora_model_dir), "adapter.lora_model_dir")
     if "target_modules" not in adapter:
         return  # a full fine-tune
-    targets = list(OmegaConf.to_container(adapter.target_modules) or [])
-    names, linear = module_names(config)
+    targets = list(adapter.target_modules or [])
+    if not adapter.target_linear and not targets:
+        raise ConfigError(
+            "adapter.target_modules is empty and adapter.target_linear is false: nothing would "
+            "be adapted; name the modules or set adapter.target_linear=true"
+        )
+    try:
+        names, linear = module_names(config)
+    except Exception as error:  # noqa: BLE001 - a config that cannot build fails many ways
+        raise ConfigError(
+            f"model: its config does not build a model ({type(error).__name__}: "
+            f"{_first_line(error)})"
+        ) from error
     shown = ", ".join(sorted(linear))
     if adapter.target_linear:
         if targets and set(targets) != linear:

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lorafit.config_checks import check_config, writable_folder
+from lorafit.config_checks import ConfigError, check_config, writable_folder
 from lorafit.datamodule import AlpacaDataModule
 from lorafit.model_checks import check_model_fits
 from lorafit.module import CausalLMModule
@@ -25,13 +27,43 @@ from lorafit.tracking import log_run_config
 log = logging.getLogger(__name__)
 
 
-def _instantiate_each(group: DictConfig | None) -> list[Any]:
+def _refused(key: str, error: Exception) -> ConfigError:
+    """A constructor's refusal of a config value, as one line naming the config key."""
+    cause = error.__cause__ if isinstance(error, InstantiationException) else error
+    cause = cause or error
+    lines = str(cause).strip().splitlines() or [""]
+    return ConfigError(f"{key}: {type(cause).__name__}: {lines[0]}".rstrip(": "))
+
+
+def _instantiate(key: str, node: DictConfig, **kwargs: Any) -> Any:
+    try:
+        return instantiate(node, **kwargs)
+    except (InstantiationException, ValueError, TypeError) as error:
+        raise _refused(key, error) from error
+
+
+def _instantiate_each(group: str, cfg: DictConfig) -> list[Any]:
     """Loggers and callbacks are dicts of named entries; a null entry switches one off."""
-    return [instantiate(entry) for entry in (group or {}).values() if entry is not None]
+    entries = (cfg.get(group) or {}).items()
+    return [_instantiate(f"{group}.{name}", entry) for name, entry in entries if entry is not None]
+
+
+def _check_optimization(cfg: DictConfig) -> None:
+    """Build the optimizer and schedule on a stand-in parameter: their own checks (betas,
+    weight decay, momentum...) then fail now, not after the model has loaded."""
+    stand_in = [torch.nn.Parameter(torch.zeros(2))]
+    try:
+        optimizer = instantiate(cfg.optimizer)(stand_in)
+    except Exception as error:  # noqa: BLE001 - optimizers refuse values with many types
+        raise _refused("optimizer", error) from error
+    try:
+        instantiate(cfg.scheduler)(optimizer, num_training_steps=max(cfg.trainer.max_steps, 1))
+    except Exception as error:  # noqa: BLE001
+        raise _refused("scheduler", error) from error
 
 
 def _callbacks(cfg: DictConfig) -> list[Callback]:
-    callbacks = _instantiate_each(cfg.get("callbacks"))
+    callbacks = _instantiate_each("callbacks", cfg)
     if not cfg.trainer.get("enable_progress_bar", True):
         # Lightning refuses a progress bar callback when the bar is switched off; the switch is
         # what the user asked for, so the callback goes.
@@ -73,36 +105,38 @@ def build_run(cfg: DictConfig) -> Run:
     is written; then the run folder gets the resolved config.
     """
     accumulate = check_config(cfg)
+    _check_optimization(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
+    datamodule = _instantiate("data", cfg.data)
     datamodule.load_rows()
+    check_model_fits(cfg)  # LoRA targets, positions, starting adapter: from the shape alone
     datamodule.tokenizer = instantiate(cfg.model.source).load_tokenizer()
     datamodule.setup("fit")  # tokenize and pack now: data that cannot train fails here
-    check_model_fits(cfg)  # LoRA targets, positions, starting adapter: from the shape alone
     _fit_validation_interval(cfg, datamodule)
     resume = checkpoint_path(cfg.resume_from_checkpoint)
     run_fingerprint = fingerprint(cfg, datamodule.load_rows())
     if resume is not None:
         check_matches(resume, run_fingerprint, cfg.resume_force)
+    trainer = _instantiate(
+        "trainer",
+        cfg.trainer,
+        accumulate_grad_batches=accumulate,
+        logger=_instantiate_each("logger", cfg),
+        callbacks=_callbacks(cfg),
+    )
+
     output_dir = writable_folder("output_dir", cfg.output_dir)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if datamodule.dataset_prepared_path:
         # Which prepared data the run used, and whether it came from the cache.
         record = {"key": datamodule.cache_key, "from_cache": datamodule.prepared_from_cache}
         (output_dir / "prepared_data.json").write_text(json.dumps(record) + "\n")
-
     plain = OmegaConf.to_container(cfg, resolve=True)
     module = CausalLMModule(
         model=plain["model"],
         adapter=plain["adapter"],
         optimizer=plain["optimizer"],
         scheduler=plain["scheduler"],
-    )
-    trainer = instantiate(
-        cfg.trainer,
-        accumulate_grad_batches=accumulate,
-        logger=_instantiate_each(cfg.get("logger")),
-        callbacks=_callbacks(cfg),
     )
     module.fingerprint = run_fingerprint
     return Run(trainer, module, datamodule, resume)
