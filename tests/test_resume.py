@@ -13,7 +13,7 @@ import torch
 from conftest import TINY, compose_config, logged
 from fault_injection import start_slow_run, wait_for
 from lorafit.config_checks import ConfigError
-from lorafit.training import train
+from lorafit.training import build_run, train
 
 # Dropout on, validation every 2 steps, a checkpoint after every step, all of them kept.
 RUN = [
@@ -85,3 +85,26 @@ def test_resume_force_continues_despite_a_difference(tmp_path):
     ]
     train(compose_config(again, tmp_path / "second"))
     assert len(logged(tmp_path / "second", "train/loss")) == 2
+
+
+def test_a_resumed_run_keeps_the_best_validation_loss_of_the_run_it_resumed(tmp_path):
+    source = [*TINY, "trainer.max_steps=4", "trainer.val_check_interval=2"]
+    train(compose_config(source, tmp_path / "source"))
+    best = min(logged(tmp_path / "source", "val/loss"))
+    (best_file,) = (tmp_path / "source" / "checkpoints").glob("best-*.ckpt")
+    # The resumed run validates on its first batch only (harder rows here, a higher loss), so
+    # the source's best is out of its reach: exactly the case where a resumed run used to
+    # call its own worse checkpoint the best.
+    resumed = [
+        *source,
+        "trainer.max_steps=6",
+        "trainer.limit_val_batches=1",
+        f"resume_from_checkpoint={tmp_path / 'source'}",
+    ]
+    run = build_run(compose_config(resumed, tmp_path / "resumed"))
+    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.resume)
+    assert min(logged(tmp_path / "resumed", "val/loss")) > best
+    callback = next(c for c in run.trainer.checkpoint_callbacks if c.monitor == "val/loss")
+    assert float(callback.best_model_score) == pytest.approx(best)
+    assert Path(callback.best_model_path) == best_file and best_file.is_file()
+    assert list((tmp_path / "resumed" / "checkpoints").glob("best-*.ckpt")) == []

@@ -8,11 +8,37 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from lorafit.errors import LorafitError
 
 log = logging.getLogger(__name__)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint whose best score survives a resume into a new run folder.
+
+    Lightning restores the best score only when the checkpoint folder is unchanged, and a
+    resumed run writes into its own folder; its "best" would then be best since the resume.
+    Here the resumed run starts from the source run's best (score and file, which stays where
+    it is and is never deleted), so a `best-*.ckpt` in the new folder is best over the whole run.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        moved = state_dict.get("dirpath", self.dirpath) != self.dirpath
+        if moved and state_dict.get("best_model_score") is not None:
+            self.best_model_score = state_dict["best_model_score"]
+            self.best_k_models = dict(state_dict.get("best_k_models") or {})
+            self.kth_best_model_path = state_dict.get("kth_best_model_path", "")
+            self.kth_value = state_dict.get("kth_value", self.kth_value)
+            log.info(
+                "best %s so far: %.6g in %s (from the resumed run)",
+                self.monitor,
+                float(self.best_model_score),
+                self.best_model_path,
+            )
 
 
 class ExportAdapter(pl.Callback):
