@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -12,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import save as safetensors_save
 
-from conftest import CONF_DIR, TINY, compose_config
+from conftest import CONF_DIR, TINY, compose_config, logged
 from lorafit.checkpoints import CheckpointError
 from lorafit.errors import LorafitError
 from lorafit.evaluation import evaluate
@@ -507,6 +509,11 @@ def test_arguments_the_config_takes_pass_the_command_line_check():
     assert config_error(["+optimizer.betas=[0.9,0.95]"], CONF_DIR) is None  # AdamW takes it
     assert config_error(["+prompt=Hi."], CONF_DIR, allowed_new_keys=("prompt",)) is None
     assert config_error(["hparams_search=optuna", "experiment=tiny"], CONF_DIR) is None
+    monitor = "+callbacks.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor"
+    assert config_error([monitor, "+callbacks.lr.logging_interval=step"], CONF_DIR) is None
+    assert "takes no argument 'logging_intervall'" in config_error(
+        [monitor, "+callbacks.lr.logging_intervall=step"], CONF_DIR
+    )
 
 
 @pytest.mark.parametrize(
@@ -530,3 +537,27 @@ def test_asking_for_a_gpu_without_one_is_refused_with_the_cpu_option(tmp_path):
     with pytest.raises(LorafitError, match=r"trainer\.accelerator=gpu, but .* trainer=cpu"):
         train(compose_config([*TINY, "trainer.accelerator=gpu"], tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+# Accepted with a warning, not refused: the run goes on and the log says what happened.
+def test_rows_with_an_empty_answer_train_with_a_warning_naming_them(tmp_path, caplog):
+    rows = [GOOD] * 20 + [{"instruction": "Say nothing.", "input": "", "output": ""}]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    overrides = [*TINY, "data=local", f"data.datasets.0.path={path}", "trainer.max_steps=1"]
+    with caplog.at_level(logging.WARNING, logger="lorafit"):
+        train(compose_config(overrides, tmp_path / "run"))
+    warned = [r.getMessage() for r in caplog.records if "empty 'output'" in r.getMessage()]
+    assert len(warned) == 1 and "1 row(s)" in warned[0] and "(rows 20)" in warned[0]
+
+
+def test_a_validation_interval_longer_than_an_epoch_validates_each_epoch(tmp_path, caplog):
+    # Packing the demo set into 2048-token rows leaves 2 training batches, fewer than the 4
+    # that experiment=tiny validates after: Lightning alone stops with a traceback.
+    overrides = [*TINY, "data.sample_packing=true", "data.sequence_len=2048"]
+    with caplog.at_level(logging.WARNING, logger="lorafit"):
+        train(compose_config(overrides, tmp_path))
+    assert any("val_check_interval=4 is more than" in r.getMessage() for r in caplog.records)
+    recorded = OmegaConf.load(tmp_path / "config.yaml")
+    assert recorded.trainer.val_check_interval == 2  # what ran is what the record says
+    assert len(logged(tmp_path, "val/loss")) >= 1

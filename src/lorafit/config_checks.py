@@ -308,6 +308,17 @@ def writable_folder(key: str, value: str | Path) -> Path:
     return path
 
 
+def check_machine(cfg: DictConfig) -> None:
+    """What the config asks of this machine: a GPU when the trainer wants one."""
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}, but torch sees no CUDA device here; train on "
+            "the CPU with trainer=cpu (or trainer.accelerator=cpu), or install a CUDA build of "
+            "torch on a machine with a GPU"
+        )
+
+
 def check_config(cfg: DictConfig) -> int:
     """Validate what can be checked from the config alone; returns the gradient accumulation."""
     # OmegaConf spells list items key[0]; overrides on the command line spell them key.0.
@@ -320,13 +331,7 @@ def check_config(cfg: DictConfig) -> int:
     for name, entry in (cfg.get("callbacks") or {}).items():
         if entry is not None and entry.get("dirpath") is not None:
             check_folder(f"callbacks.{name}.dirpath", entry.dirpath)
-    accelerator = cfg.trainer.get("accelerator", "auto")
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"trainer.accelerator={accelerator}, but torch sees no CUDA device here; train on "
-            "the CPU with trainer=cpu (or trainer.accelerator=cpu), or install a CUDA build of "
-            "torch on a machine with a GPU"
-        )
+
     if cfg.data.get("sample_packing"):
         check_backend(cfg.model.attn_implementation)
     return gradient_accumulation(cfg)

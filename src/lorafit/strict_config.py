@@ -44,6 +44,8 @@ ALIASES = {
     "batch_size": "data.batch_size",
     "gradient_checkpointing": "model.gradient_checkpointing",
 }
+# Hydra's own keys of an object built from config.
+INSTANTIATE_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 SWEEP_SYNTAX = re.compile(r",|\b(range|choice|interval|glob|tag)\(")
 
 
@@ -116,6 +118,8 @@ def _added_key_error(
         if key in groups or key in allowed:
             continue
         parent, _, name = key.rpartition(".")
+        if name in INSTANTIATE_KEYS:
+            continue  # a new object (e.g. +callbacks.mine._target_=...): its arguments are checked
         node = OmegaConf.select(composed, parent) if parent else None
         if isinstance(node, DictConfig) and "_target_" in node:
             takes, names = _constructor_takes(node, name)

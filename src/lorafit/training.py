@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lorafit.config_checks import ConfigError, check_config, writable_folder
+from lorafit.config_checks import ConfigError, check_config, check_machine, writable_folder
 from lorafit.datamodule import AlpacaDataModule
 from lorafit.model_checks import check_model_fits
 from lorafit.module import CausalLMModule
@@ -105,6 +105,7 @@ def build_run(cfg: DictConfig) -> Run:
     is written; then the run folder gets the resolved config.
     """
     accumulate = check_config(cfg)
+    check_machine(cfg)
     _check_optimization(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = _instantiate("data", cfg.data)
