@@ -554,7 +554,12 @@ def test_rows_with_an_empty_answer_train_with_a_warning_naming_them(tmp_path, ca
 def test_a_validation_interval_longer_than_an_epoch_validates_each_epoch(tmp_path, caplog):
     # Packing the demo set into 2048-token rows leaves 2 training batches, fewer than the 4
     # that experiment=tiny validates after: Lightning alone stops with a traceback.
-    overrides = [*TINY, "data.sample_packing=true", "data.sequence_len=2048"]
+    overrides = [
+        *TINY,
+        "data.sample_packing=true",
+        "data.sequence_len=2048",
+        "trainer.max_epochs=1",
+    ]
     with caplog.at_level(logging.WARNING, logger="lorafit"):
         train(compose_config(overrides, tmp_path))
     assert any("val_check_interval=4 is more than" in r.getMessage() for r in caplog.records)
