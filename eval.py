@@ -8,26 +8,21 @@ exact match, ROUGE-L and (for label answers) accuracy / precision / recall / F1.
 Writes metrics.json, report.md and PNG plots into its own run folder under outputs/runs/.
 """
 
-import logging
-import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lorafit.errors import LorafitError
-from lorafit.evaluation import evaluate
+from lorafit.errors import exit_on_user_errors
+from lorafit.eval.evaluation import evaluate
 from lorafit.strict_config import exit_on_config_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@exit_on_user_errors
 def main(cfg: DictConfig) -> float | None:
-    try:
-        metrics = evaluate(cfg, HydraConfig.get().overrides.task)
-    except LorafitError as error:  # the user's to fix: one line, no traceback
-        logging.getLogger("lorafit").error("%s", error)
-        sys.exit(2)
+    metrics = evaluate(cfg, HydraConfig.get().overrides.task)
     return metrics.get("val/loss")
 
 

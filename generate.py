@@ -5,29 +5,24 @@
         +input="" eval.do_sample=true eval.temperature=0.7
 """
 
-import logging
-import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lorafit.errors import LorafitError
-from lorafit.evaluation import generate, load_trained
-from lorafit.prompts import alpaca_prompt
+from lorafit.data.prompts import alpaca_prompt
+from lorafit.errors import ConfigError, exit_on_user_errors
+from lorafit.eval.evaluation import generate, load_trained
 from lorafit.strict_config import exit_on_config_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@exit_on_user_errors
 def main(cfg: DictConfig) -> None:
     if "prompt" not in cfg:
-        sys.exit('give the instruction as +prompt="..." (and optionally +input="...")')
-    try:
-        cfg, module, datamodule, _ = load_trained(cfg, HydraConfig.get().overrides.task)
-    except LorafitError as error:
-        logging.getLogger("lorafit").error("%s", error)
-        sys.exit(2)
+        raise ConfigError('give the instruction as +prompt="..." (and optionally +input="...")')
+    cfg, module, datamodule, _ = load_trained(cfg, HydraConfig.get().overrides.task)
     prompt = alpaca_prompt(str(cfg.prompt), str(cfg.get("input") or ""))
     (answer,) = generate(
         module,

@@ -26,10 +26,10 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from lorafit.datamodule import AlpacaDataModule
-from lorafit.model_sources import mistral_tokenizer
-from lorafit.packing import pack_rows
-from lorafit.tokenization import tokenize_alpaca
+from lorafit.data.datamodule import AlpacaDataModule
+from lorafit.data.packing import pack_rows
+from lorafit.data.tokenization import tokenize_alpaca
+from lorafit.model.sources import mistral_tokenizer
 from lorafit.training import build_run
 
 ROOT = Path(__file__).resolve().parents[1]

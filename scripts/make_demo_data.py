@@ -1,4 +1,4 @@
-"""Generate the embedded demo data set ``src/lorafit/data/demo_alpaca.json``.
+"""Generate the embedded demo data set ``src/lorafit/assets/demo_alpaca.json``.
 
 Run from the repository root::
 
@@ -23,7 +23,9 @@ from pathlib import Path
 
 SEED = 20240611
 PER_FAMILY = 30
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "lorafit" / "data" / "demo_alpaca.json"
+DEFAULT_OUT = (
+    Path(__file__).resolve().parents[1] / "src" / "lorafit" / "assets" / "demo_alpaca.json"
+)
 
 Record = dict[str, str]
 

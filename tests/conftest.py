@@ -48,7 +48,7 @@ def packed_test_module(
 ):
     """A tiny LoRA module with non-zero adapter weights, so the adapter takes part in what is
     compared, and no dropout."""
-    from lorafit.module import CausalLMModule
+    from lorafit.model.module import CausalLMModule
 
     cfg = compose_config(
         [
@@ -70,8 +70,8 @@ def packed_test_module(
 
 def packed_demo(examples, capacity: int = 256):
     """The examples packed into rows of `capacity`, and a collate for one row at a time."""
-    from lorafit.examples import PackedExamples
-    from lorafit.packing import pack_rows, packed_collate
+    from lorafit.data.examples import PackedExamples
+    from lorafit.data.packing import pack_rows, packed_collate
 
     packed = PackedExamples(examples, pack_rows(examples.lengths().tolist(), capacity))
     return packed, lambda items: packed_collate(items, pad_token_id=0)
@@ -80,10 +80,10 @@ def packed_demo(examples, capacity: int = 256):
 @pytest.fixture(scope="session")
 def demo_examples():
     """The first 24 demo rows, tokenized with the real Mistral tokenizer."""
-    from lorafit.data_sources import load_alpaca
-    from lorafit.examples import TokenizedExamples
-    from lorafit.model_sources import mistral_tokenizer
-    from lorafit.tokenization import tokenize_alpaca
+    from lorafit.data.examples import TokenizedExamples
+    from lorafit.data.sources import load_alpaca
+    from lorafit.data.tokenization import tokenize_alpaca
+    from lorafit.model.sources import mistral_tokenizer
 
     rows = load_alpaca([{"path": "builtin:demo_alpaca"}])[:24]
     examples, _ = tokenize_alpaca(rows, mistral_tokenizer(), sequence_len=256)

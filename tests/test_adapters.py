@@ -11,8 +11,8 @@ from hydra.utils import instantiate
 from transformers import MistralConfig, MistralForCausalLM
 
 from conftest import TINY, compose_config, logged
-from lorafit.adapters import trainable_parameters
-from lorafit.quantization import QuantizationUnavailableError
+from lorafit.errors import QuantizationUnavailableError
+from lorafit.model.adapters import trainable_parameters
 from lorafit.training import build_run, train
 
 

@@ -17,9 +17,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import save as safetensors_save
 
 from conftest import CONF_DIR, TINY, compose_config, logged
-from lorafit.checkpoints import CheckpointError
-from lorafit.errors import LorafitError
-from lorafit.evaluation import evaluate
+from lorafit.errors import CheckpointError, LorafitError
+from lorafit.eval.evaluation import evaluate
 from lorafit.strict_config import config_error
 from lorafit.training import train
 

@@ -8,8 +8,9 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
 from conftest import CONF_DIR, compose_config
-from lorafit.adapters import FullFineTune, LoraAdapter
-from lorafit.config_checks import ConfigError, check_config
+from lorafit.config_checks import check_config
+from lorafit.errors import ConfigError
+from lorafit.model.adapters import FullFineTune, LoraAdapter
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF_DIR / g).glob("*.yaml"))]

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, compose_config
-from lorafit.batching import StepBatchSampler, label_tokens, pad_collate
-from lorafit.data_sources import DataError, load_alpaca
-from lorafit.datamodule import split_rows
-from lorafit.examples import TokenizedExamples
-from lorafit.model_sources import HubModel, ModelSourceError
-from lorafit.tokenization import IGNORE_INDEX
+from lorafit.constants import IGNORE_INDEX
+from lorafit.data.batching import StepBatchSampler, label_tokens, pad_collate
+from lorafit.data.datamodule import split_rows
+from lorafit.data.examples import TokenizedExamples
+from lorafit.data.sources import load_alpaca
+from lorafit.errors import DataError, ModelSourceError
+from lorafit.model.sources import HubModel
 from lorafit.training import build_run
 
 ROWS = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(20)]

@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import TINY, compose_config, logged
-from lorafit.checkpoints import CheckpointError
-from lorafit.evaluation import EvaluationError, evaluate, load_trained, validation_metrics
-from lorafit.export import ExportError, export
+from lorafit.errors import CheckpointError, EvaluationError, ExportError
+from lorafit.eval.evaluation import evaluate, load_trained, validation_metrics
+from lorafit.eval.export import export
 from lorafit.training import train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,7 @@ import torch
 
 from conftest import TINY, compose_config, logged
 from fault_injection import start_slow_run, wait_for
-from lorafit.callbacks import LossDivergedError
+from lorafit.errors import LossDivergedError
 from lorafit.training import train
 
 RUN = [

@@ -27,8 +27,8 @@ import pytest
 import torch
 
 from conftest import TINY, compose_config, logged
-from lorafit.evaluation import generate, load_trained, validation_metrics
-from lorafit.prompts import alpaca_prompt
+from lorafit.data.prompts import alpaca_prompt
+from lorafit.eval.evaluation import generate, load_trained, validation_metrics
 from lorafit.training import build_run
 
 pytestmark = [pytest.mark.gpu, pytest.mark.gpu_dry_run]

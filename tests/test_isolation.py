@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import TINY, compose_config, packed_demo, packed_test_module
-from lorafit.isolation import check_isolation, compute_precision
-from lorafit.module import CausalLMModule
-from lorafit.packing import PackingError
+from lorafit.errors import PackingError
+from lorafit.model.isolation import check_isolation, compute_precision
+from lorafit.model.module import CausalLMModule
 from lorafit.training import build_run
 
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from transformers import MistralForCausalLM
 
 from conftest import compose_config
-from lorafit.adapters import trainable_parameters
+from lorafit.model.adapters import trainable_parameters
 
 # mistralai/Mistral-7B-v0.1's config.json, the fields that fix shape and numerics.
 MISTRAL_7B_V01 = {

@@ -11,10 +11,11 @@ import torch
 
 from conftest import TINY, compose_config, logged, packed_test_module
 from lorafit.config_checks import check_config
-from lorafit.examples import PackedExamples
-from lorafit.losses import token_loss_sum
-from lorafit.packing import PackingError, pack_row, pack_rows, packed_collate
-from lorafit.tokenization import IGNORE_INDEX
+from lorafit.constants import IGNORE_INDEX
+from lorafit.data.examples import PackedExamples
+from lorafit.data.packing import pack_row, pack_rows, packed_collate
+from lorafit.errors import PackingError
+from lorafit.model.losses import token_loss_sum
 from lorafit.training import train
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorafit import prepared_cache, prompts
-from lorafit.datamodule import AlpacaDataModule
-from lorafit.examples import TokenizedExamples
-from lorafit.model_sources import mistral_tokenizer
-from lorafit.packing import pack_rows
+from lorafit.data import prepared_cache, prompts
+from lorafit.data.datamodule import AlpacaDataModule
+from lorafit.data.examples import TokenizedExamples
+from lorafit.data.packing import pack_rows
+from lorafit.model.sources import mistral_tokenizer
 
 ROWS = [
     {"instruction": f"Add {i} and {i + 1}.", "input": "" if i % 2 else f"{i}", "output": str(2 * i)}

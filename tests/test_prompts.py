@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from lorafit.model_sources import mistral_tokenizer
-from lorafit.prompts import alpaca_prompt
-from lorafit.tokenization import IGNORE_INDEX, tokenize_alpaca
+from lorafit.constants import IGNORE_INDEX
+from lorafit.data.prompts import alpaca_prompt
+from lorafit.data.tokenization import tokenize_alpaca
+from lorafit.model.sources import mistral_tokenizer
 
 WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "

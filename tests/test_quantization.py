@@ -16,11 +16,8 @@ from transformers import (
     MistralForCausalLM,
 )
 
-from lorafit.quantization import (
-    QuantizationUnavailableError,
-    check_bitsandbytes,
-    disable_cpu_weight_repacking,
-)
+from lorafit.errors import QuantizationUnavailableError
+from lorafit.model.quantization import check_bitsandbytes, disable_cpu_weight_repacking
 
 # 2 layers x (q, k, v, o, gate, up, down): every linear projection except lm_head.
 N_PROJECTIONS = 14

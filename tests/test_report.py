@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lorafit.report import plot_before_after, plot_loss_curves, write_report
+from lorafit.eval.report import plot_before_after, plot_loss_curves, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

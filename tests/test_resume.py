@@ -12,7 +12,7 @@ import torch
 
 from conftest import TINY, compose_config, logged
 from fault_injection import start_slow_run, wait_for
-from lorafit.config_checks import ConfigError
+from lorafit.errors import ConfigError
 from lorafit.training import build_run, train
 
 # Dropout on, validation every 2 steps, a checkpoint after every step, all of them kept.

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from conftest import TINY, compose_config
-from lorafit import leaderboard
+from lorafit.eval import leaderboard
 from lorafit.training import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorafit.text_metrics import classification_metrics, exact_match, normalize_answer, rouge_l
+from lorafit.eval.text_metrics import classification_metrics, exact_match, normalize_answer, rouge_l
 
 
 def test_normalize_answer_strips_and_collapses_whitespace_only():

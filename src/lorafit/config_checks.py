@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lorafit.errors import LorafitError
-from lorafit.packing import check_backend
-
-
-class ConfigError(LorafitError, ValueError):
-    """A config value that cannot work; the message names the key."""
+from lorafit.constants import ATTENTION_BACKENDS
+from lorafit.data.packing import check_backend
+from lorafit.errors import ConfigError
+from lorafit.folders import check_folder
 
 
 def devices_count(trainer: DictConfig) -> int:
@@ -44,7 +39,6 @@ def gradient_accumulation(cfg: DictConfig) -> int:
 
 DTYPES = ("float32", "bfloat16", "float16")
 WANDB_WATCH = ("gradients", "parameters", "all")
-ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def _require(ok: bool, key: str, value: object, expected: str) -> None:
@@ -120,10 +114,10 @@ def check_values(cfg: DictConfig) -> None:
     check_eval(cfg)
     _require(model.dtype in DTYPES, "model.dtype", model.dtype, " or ".join(DTYPES))
     _require(
-        model.attn_implementation in ATTENTION,
+        model.attn_implementation in ATTENTION_BACKENDS,
         "model.attn_implementation",
         model.attn_implementation,
-        ", ".join(ATTENTION),
+        ", ".join(ATTENTION_BACKENDS),
     )
 
 
@@ -275,37 +269,6 @@ def check_callbacks(callbacks: DictConfig) -> None:
             max_loss,
             "a number > 0 or null",
         )
-
-
-def check_folder(key: str, value: object) -> None:
-    """A folder the run will write into: not a file, and not below one."""
-    if value is None:
-        return
-    path = Path(str(value)).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{key}={value}: {path} is a file, not a folder")
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ConfigError(f"{key}={value}: {parent} is a file, so the folder cannot be created")
-    if parent is not None:
-        try:  # the file system's own answer (permissions, read-only mounts, /proc), then undone
-            os.rmdir(tempfile.mkdtemp(prefix=".lorafit-probe-", dir=parent))
-        except OSError as error:
-            raise ConfigError(
-                f"{key}={value}: {parent} cannot be written ({error.strerror})"
-            ) from error
-
-
-def writable_folder(key: str, value: str | Path) -> Path:
-    """Create the folder `key` names, as one ConfigError when the file system refuses."""
-    path = Path(value).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(
-            f"{key}={value}: the folder cannot be created ({error.strerror})"
-        ) from error
-    return path
 
 
 def check_machine(cfg: DictConfig) -> None:

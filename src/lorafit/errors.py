@@ -1,4 +1,14 @@
-"""The one base class of the errors a user can fix: bad config, bad data, a missing model."""
+"""Every error a user can fix (bad config, bad data, a missing model, an unreadable checkpoint),
+under one base class, and the one wrapper that turns them into one line and exit status 2 at
+every entry point (train.py, eval.py, generate.py, export.py, the leaderboard)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
 
 
 class LorafitError(Exception):
@@ -6,3 +16,54 @@ class LorafitError(Exception):
 
     Entry points print these as one line instead of a traceback.
     """
+
+
+class ConfigError(LorafitError, ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+class DataError(LorafitError, ValueError):
+    """Bad or missing training data; the message names the file, row and field."""
+
+
+class PackingError(LorafitError):
+    """Packing was asked for in a setting that cannot keep examples apart."""
+
+
+class ModelSourceError(LorafitError, RuntimeError):
+    """A model or tokenizer could not be found or loaded; the message says which and why."""
+
+
+class QuantizationUnavailableError(LorafitError, RuntimeError):
+    """An adapter asks for 4- or 8-bit quantization that bitsandbytes cannot provide here."""
+
+
+class CheckpointError(LorafitError):
+    """A checkpoint that does not exist, is not one lorafit can read, or does not fit the model."""
+
+
+class LossDivergedError(LorafitError):
+    """The training loss became NaN, infinite, or larger than the watchdog allows."""
+
+
+class EvaluationError(LorafitError):
+    """Evaluation cannot run as configured (e.g. no held-out split)."""
+
+
+class ExportError(LorafitError):
+    """The merged model does not reproduce the adapter model closely enough."""
+
+
+def exit_on_user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an entry point's body; a LorafitError is the user's to fix, so it is logged as one
+    line and the process exits with status 2. Anything else is a bug and keeps its traceback."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except LorafitError as error:
+            logging.getLogger("lorafit").error("%s", error)
+            sys.exit(2)
+
+    return wrapper

@@ -19,7 +19,8 @@ from hydra.errors import HydraException
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-from lorafit.config_checks import ConfigError, check_values
+from lorafit.config_checks import check_values
+from lorafit.errors import ConfigError
 
 # The article's (Axolotl-style) names, and where they live here.
 ALIASES = {

@@ -16,13 +16,16 @@ from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lorafit.config_checks import ConfigError, check_config, check_machine, writable_folder
-from lorafit.datamodule import AlpacaDataModule
-from lorafit.model_checks import check_model_fits
-from lorafit.module import CausalLMModule
-from lorafit.resume import check_matches, checkpoint_path, fingerprint
-from lorafit.tracking import finish as finish_trackers
-from lorafit.tracking import log_run_config
+from lorafit.config_checks import check_config, check_machine
+from lorafit.data.datamodule import AlpacaDataModule
+from lorafit.errors import ConfigError
+from lorafit.folders import writable_folder
+from lorafit.model.module import CausalLMModule
+from lorafit.model.shape_checks import check_model_fits
+from lorafit.runs.checkpoints import check_adapter_folder
+from lorafit.runs.resume import check_matches, checkpoint_path, fingerprint
+from lorafit.runs.tracking import finish as finish_trackers
+from lorafit.runs.tracking import log_run_config
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +113,9 @@ def build_run(cfg: DictConfig) -> Run:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = _instantiate("data", cfg.data)
     datamodule.load_rows()
-    check_model_fits(cfg)  # LoRA targets, positions, starting adapter: from the shape alone
+    check_model_fits(cfg)  # LoRA targets and positions, from the model's shape alone
+    if cfg.adapter.get("lora_model_dir"):
+        check_adapter_folder(Path(cfg.adapter.lora_model_dir), "adapter.lora_model_dir")
     datamodule.tokenizer = instantiate(cfg.model.source).load_tokenizer()
     datamodule.setup("fit")  # tokenize and pack now: data that cannot train fails here
     _fit_validation_interval(cfg, datamodule)

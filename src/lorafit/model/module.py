@@ -13,11 +13,12 @@ import torch
 from hydra.utils import instantiate
 from torchmetrics import MeanMetric
 
-from lorafit.adapters import trainable_parameters
-from lorafit.isolation import IsolationReport, check_isolation
-from lorafit.losses import token_loss_sum
-from lorafit.quantization import check_bitsandbytes, disable_cpu_weight_repacking
-from lorafit.resume import FINGERPRINT_KEY
+from lorafit.constants import FINGERPRINT_KEY
+from lorafit.errors import ConfigError
+from lorafit.model.adapters import trainable_parameters
+from lorafit.model.isolation import IsolationReport, check_isolation
+from lorafit.model.losses import token_loss_sum
+from lorafit.model.quantization import check_bitsandbytes, disable_cpu_weight_repacking
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class CausalLMModule(pl.LightningModule):
         adapter: The `adapter` config group (instantiates a LoraAdapter or FullFineTune).
         optimizer: A partial optimizer config (`_partial_: true`), finished with the
             trainable parameters.
-        scheduler: A partial schedule from lorafit.schedules.
+        scheduler: A partial schedule from lorafit.model.schedules.
     """
 
     def __init__(
@@ -53,7 +54,7 @@ class CausalLMModule(pl.LightningModule):
         self._step_started: float | None = None
         # Where configure_model puts quantized weights when no trainer is attached (eval tools).
         self.load_device = torch.device("cpu")
-        # What the run's checkpoints belong to (lorafit.resume); set by train().
+        # What the run's checkpoints belong to (lorafit.runs.resume); set by train().
         self.fingerprint: dict[str, Any] | None = None
         # What the packing preflight found, when the run packs.
         self.isolation: IsolationReport | None = None
@@ -177,7 +178,7 @@ class CausalLMModule(pl.LightningModule):
         if trainer.max_steps > 0:
             return trainer.max_steps
         if trainer.max_epochs is None or trainer.max_epochs < 0:
-            raise ValueError("set trainer.max_steps or trainer.max_epochs: the run has no end")
+            raise ConfigError("set trainer.max_steps or trainer.max_epochs: the run has no end")
         micro_batches = len(trainer.datamodule.train_dataloader())
         return math.ceil(micro_batches / trainer.accumulate_grad_batches) * trainer.max_epochs
 

@@ -15,10 +15,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lorafit.checkpoints import read_checkpoint
-from lorafit.config_checks import ConfigError
+from lorafit.constants import FINGERPRINT_KEY
+from lorafit.errors import ConfigError
+from lorafit.runs.checkpoints import read_checkpoint
 
-FINGERPRINT_KEY = "lorafit_fingerprint"
 ADAPTER_SHAPE = ("_target_", "r", "alpha", "target_linear", "target_modules", "quantization")
 DATA_SHAPE = ("sequence_len", "sample_packing", "train_on_inputs", "val_set_size", "seed")
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from lorafit.batching import StepItem
-from lorafit.packing import pack_row
-from lorafit.tokenization import IGNORE_INDEX
+from lorafit.constants import IGNORE_INDEX
+from lorafit.data.batching import StepItem
+from lorafit.data.packing import pack_row
 
 
 class TokenizedExamples(Dataset):
@@ -69,7 +69,7 @@ class TokenizedExamples(Dataset):
 
 
 class PackedExamples(Dataset):
-    """Rows of several examples each (see lorafit.packing), concatenated when fetched."""
+    """Rows of several examples each (see lorafit.data.packing), concatenated when fetched."""
 
     def __init__(self, examples: TokenizedExamples, rows: Sequence[Sequence[int]]):
         self.examples = examples

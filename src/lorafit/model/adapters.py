@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig, PreTrainedModel
 
-from lorafit.config_checks import ConfigError
+from lorafit.errors import ConfigError
 
 # Peft's shorthand for "every nn.Linear but the output head": the article's lora_target_linear.
 ALL_LINEAR = "all-linear"

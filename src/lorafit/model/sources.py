@@ -32,14 +32,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lorafit.atomic_folder import publish
-from lorafit.errors import LorafitError
+from lorafit.errors import ModelSourceError
+from lorafit.folders import publish
 
 MISTRAL_VOCAB_SIZE = 32000
-
-
-class ModelSourceError(LorafitError, RuntimeError):
-    """A model or tokenizer could not be found or loaded; the message says which and why."""
 
 
 def cache_root() -> Path:

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from lorafit.prompts import format_alpaca
-
-IGNORE_INDEX = -100  # the label value torch's cross entropy skips
+from lorafit.constants import IGNORE_INDEX
+from lorafit.data.prompts import format_alpaca
 
 
 @dataclass

@@ -24,16 +24,13 @@ from omegaconf import DictConfig
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from lorafit.errors import LorafitError
-from lorafit.evaluation import load_trained
-from lorafit.losses import token_loss_sum
-from lorafit.module import CausalLMModule
+from lorafit.constants import IGNORE_INDEX
+from lorafit.errors import ExportError
+from lorafit.eval.evaluation import load_trained
+from lorafit.model.losses import token_loss_sum
+from lorafit.model.module import CausalLMModule
 
 log = logging.getLogger(__name__)
-
-
-class ExportError(LorafitError):
-    """The merged model does not reproduce the adapter model closely enough."""
 
 
 def _full_precision_base(module: CausalLMModule, dtype: torch.dtype) -> PreTrainedModel:
@@ -93,7 +90,7 @@ def compare(
         labels = batch["labels"].to(ref.device)
         for key, logits in (("reference", ref), ("candidate", cand)):
             sums[key] += float(token_loss_sum(logits, labels)[0])
-        mask = labels[:, 1:] != -100
+        mask = labels[:, 1:] != IGNORE_INDEX
         ref_logp = torch.log_softmax(ref[:, :-1][mask], -1)
         cand_logp = torch.log_softmax(cand[:, :-1][mask], -1)
         sums["kl"] += float((ref_logp.exp() * (ref_logp - cand_logp)).sum())

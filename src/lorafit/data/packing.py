@@ -23,7 +23,7 @@ A (3 tokens), B (2 tokens) and C (3 tokens), padded to 10:
         __                  x x
 
 The loss of a packed row therefore equals the sum of the examples' losses run one by one;
-`lorafit.isolation.check_isolation` proves it on real rows before training starts.
+`lorafit.model.isolation.check_isolation` proves it on real rows before training starts.
 """
 
 from __future__ import annotations
@@ -33,16 +33,11 @@ from collections.abc import Sequence
 
 import torch
 
-from lorafit.errors import LorafitError
-from lorafit.tokenization import IGNORE_INDEX
+from lorafit.constants import IGNORE_INDEX, ISOLATING_BACKENDS
+from lorafit.errors import PackingError
 
 # Attention implementations that isolate packed examples given restarted position ids and no
 # mask: the mask builders of sdpa and eager, and flash-attention's varlen kernels.
-ISOLATING_BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
-
-
-class PackingError(LorafitError):
-    """Packing was asked for in a setting that cannot keep examples apart."""
 
 
 def check_backend(attn_implementation: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import datasets
 
-from lorafit.errors import LorafitError
+from lorafit.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +24,9 @@ LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 ALPACA_FIELDS = ("instruction", "input", "output")
 
 
-class DataError(LorafitError, ValueError):
-    """Bad or missing training data; the message names the file, row and field."""
-
-
 def builtin_path(name: str) -> Path:
     """The file of a data set shipped inside the package (`builtin:demo_alpaca`)."""
-    path = Path(str(resources.files("lorafit") / "data" / f"{name}.json"))
+    path = Path(str(resources.files("lorafit") / "assets" / f"{name}.json"))
     if not path.is_file():
         shipped = sorted(p.stem for p in path.parent.glob("*.json"))
         raise DataError(f"no built-in data set {name!r}; available: {', '.join(shipped)}")

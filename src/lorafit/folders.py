@@ -1,4 +1,5 @@
-"""Publish a folder all at once: build it beside its target, then rename it into place.
+"""Folders lorafit writes: checked before a run writes anything, and published all at once
+(built beside the target, then renamed into place).
 
 Other processes may be reading a published folder at any moment (sweep trials sharing the
 prepared-data cache, two runs converting the same model), so a complete target is never
@@ -10,9 +11,12 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+from lorafit.errors import ConfigError
 
 
 def _sibling(target: Path, tag: str) -> Path:
@@ -67,3 +71,34 @@ def _rename_into_place(tmp: Path, target: Path, is_complete: Callable[[Path], bo
             continue  # another writer moved it aside first
         shutil.rmtree(stale, ignore_errors=True)
     raise OSError(f"could not publish {target}: other writers keep replacing it")
+
+
+def check_folder(key: str, value: object) -> None:
+    """A folder the run will write into: not a file, and not below one."""
+    if value is None:
+        return
+    path = Path(str(value)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}={value}: {path} is a file, not a folder")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"{key}={value}: {parent} is a file, so the folder cannot be created")
+    if parent is not None:
+        try:  # the file system's own answer (permissions, read-only mounts, /proc), then undone
+            os.rmdir(tempfile.mkdtemp(prefix=".lorafit-probe-", dir=parent))
+        except OSError as error:
+            raise ConfigError(
+                f"{key}={value}: {parent} cannot be written ({error.strerror})"
+            ) from error
+
+
+def writable_folder(key: str, value: str | Path) -> Path:
+    """Create the folder `key` names, as one ConfigError when the file system refuses."""
+    path = Path(value).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"{key}={value}: the folder cannot be created ({error.strerror})"
+        ) from error
+    return path

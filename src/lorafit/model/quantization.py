@@ -10,7 +10,7 @@ from types import ModuleType
 
 import torch
 
-from lorafit.errors import LorafitError
+from lorafit.errors import QuantizationUnavailableError
 
 # Large enough to fill several quantization blocks, small enough to run in milliseconds.
 _PROBE_SHAPE = (64, 64)
@@ -18,10 +18,6 @@ _PROBE_SHAPE = (64, 64)
 # with well under 0.01; a result beyond these means the kernels ran but computed garbage.
 _MAX_4BIT_ERROR = 0.25
 _MAX_8BIT_ERROR = 0.05
-
-
-class QuantizationUnavailableError(LorafitError, RuntimeError):
-    """An adapter asks for 4- or 8-bit quantization that bitsandbytes cannot provide here."""
 
 
 def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:

@@ -25,10 +25,9 @@ import numpy as np
 from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
-from lorafit import prompts
-from lorafit.atomic_folder import publish
-from lorafit.config_checks import writable_folder
-from lorafit.examples import TokenizedExamples
+from lorafit.data import prompts
+from lorafit.data.examples import TokenizedExamples
+from lorafit.folders import publish, writable_folder
 
 log = logging.getLogger(__name__)
 

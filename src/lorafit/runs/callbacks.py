@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
-from lorafit.errors import LorafitError
+from lorafit.errors import LossDivergedError
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,6 @@ class ExportAdapter(pl.Callback):
         for logger in trainer.loggers:
             if hasattr(logger, "log_adapter_folder"):
                 logger.log_adapter_folder(self.dirpath)
-
-
-class LossDivergedError(LorafitError):
-    """The training loss became NaN, infinite, or larger than the watchdog allows."""
 
 
 class LossWatchdog(pl.Callback):

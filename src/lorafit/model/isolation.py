@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from lorafit.losses import token_loss_sum
-from lorafit.packing import PackingError
+from lorafit.errors import PackingError
+from lorafit.model.losses import token_loss_sum
 
 # fp32 runs hold packed losses to 1e-4; lower precisions get a few units of their roundoff.
 _FP32_LOSS_TOLERANCE = 1e-4

@@ -17,15 +17,11 @@ from peft import set_peft_model_state_dict
 from peft.utils import load_peft_weights
 from safetensors import safe_open
 
-from lorafit.errors import LorafitError
+from lorafit.errors import CheckpointError
 
 # What a run folder's own config supplies to eval unless the command line overrides: the
 # trainer too, so validation runs at the precision training used.
 RUN_KEYS = ("model", "adapter", "data", "trainer", "seed")
-
-
-class CheckpointError(LorafitError):
-    """A checkpoint that does not exist, is not one lorafit can read, or does not fit the model."""
 
 
 @dataclass

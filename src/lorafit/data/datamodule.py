@@ -17,13 +17,14 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lorafit import prepared_cache
-from lorafit.batching import ResumableLoader, StepBatchSampler, pad_collate
-from lorafit.data_sources import DataError, load_alpaca
-from lorafit.examples import PackedExamples, TokenizedExamples
-from lorafit.packing import pack_rows, packed_collate
-from lorafit.prepared_cache import PreparedSplit
-from lorafit.tokenization import tokenize_alpaca
+from lorafit.data import prepared_cache
+from lorafit.data.batching import ResumableLoader, StepBatchSampler, pad_collate
+from lorafit.data.examples import PackedExamples, TokenizedExamples
+from lorafit.data.packing import pack_rows, packed_collate
+from lorafit.data.prepared_cache import PreparedSplit
+from lorafit.data.sources import load_alpaca
+from lorafit.data.tokenization import tokenize_alpaca
+from lorafit.errors import DataError
 
 log = logging.getLogger(__name__)
 

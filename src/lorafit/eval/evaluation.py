@@ -19,18 +19,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from lorafit import checkpoints, report, text_metrics
-from lorafit.datamodule import AlpacaDataModule
-from lorafit.errors import LorafitError
-from lorafit.module import CausalLMModule
-from lorafit.prompts import alpaca_prompt
-from lorafit.strategies import StayOnDevice
+from lorafit.data.datamodule import AlpacaDataModule
+from lorafit.data.prompts import alpaca_prompt
+from lorafit.errors import EvaluationError
+from lorafit.eval import report, text_metrics
+from lorafit.model.module import CausalLMModule
+from lorafit.runs import checkpoints
+from lorafit.runs.strategies import StayOnDevice
 
 log = logging.getLogger(__name__)
-
-
-class EvaluationError(LorafitError):
-    """Evaluation cannot run as configured (e.g. no held-out split)."""
 
 
 def load_trained(

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from lorafit.tokenization import IGNORE_INDEX
+from lorafit.constants import IGNORE_INDEX
 
 # A micro-batch entry as the sampler yields it: (example index, label tokens in its step).
 StepItem = tuple[int, int]

@@ -1,8 +1,8 @@
 """Rank the runs of a sweep: one table of every trial's overrides and final metrics, sorted
 by the objective, and their validation loss curves on one plot.
 
-    python -m lorafit.leaderboard outputs/multirun/<time>            # objective val/loss
-    python -m lorafit.leaderboard outputs/multirun/<time> --objective train/loss --maximize
+    python -m lorafit.eval.leaderboard outputs/multirun/<time>            # objective val/loss
+    python -m lorafit.eval.leaderboard outputs/multirun/<time> --objective train/loss --maximize
 
 Writes leaderboard.md, leaderboard.csv and val_loss_curves.png into the sweep folder.
 """
@@ -16,7 +16,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lorafit.report import figure
+from lorafit.errors import EvaluationError, exit_on_user_errors
+from lorafit.eval.report import figure
 
 METRICS = ("val/loss", "val/ppl", "train/loss", "train/tokens_per_s")
 
@@ -58,7 +59,7 @@ def write(sweep: Path, objective: str = "val/loss", maximize: bool = False) -> l
     """Write the leaderboard files; returns the trials in rank order."""
     trials = collect(sweep)
     if not trials:
-        raise SystemExit(f"{sweep}: no trial folder with csv/metrics.csv")
+        raise EvaluationError(f"{sweep}: no trial folder with csv/metrics.csv")
 
     def key(trial: dict) -> float:
         value = trial["final"].get(objective, math.nan)
@@ -113,6 +114,7 @@ def _plot(trials: list[dict], out: Path) -> None:
         ax.legend(fontsize=7)
 
 
+@exit_on_user_errors
 def main() -> None:
     parser = argparse.ArgumentParser(description="Rank the trials of a Hydra sweep folder.")
     parser.add_argument("sweep", type=Path)

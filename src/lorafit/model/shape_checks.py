@@ -7,16 +7,13 @@ clear error instead of a failure after minutes of loading.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM
 
-from lorafit.checkpoints import check_adapter_folder
-from lorafit.config_checks import ConfigError
+from lorafit.errors import ConfigError
 
 
 def _first_line(error: BaseException) -> str:
@@ -40,8 +37,8 @@ def module_names(config: object) -> tuple[set[str], set[str]]:
 
 
 def check_model_fits(cfg: DictConfig) -> None:
-    """Refuse LoRA targets the model lacks, a target list `target_linear` would ignore, a
-    sequence longer than the model's positions, and an unreadable starting adapter."""
+    """Refuse LoRA targets the model lacks, a target list `target_linear` would ignore, and a
+    sequence longer than the model's positions."""
     try:
         config = instantiate(cfg.model.source).load_config()
     except (InstantiationException, ValueError, TypeError) as error:
@@ -54,8 +51,6 @@ def check_model_fits(cfg: DictConfig) -> None:
             f"max_position_embeddings={positions}; set data.sequence_len={positions} or less"
         )
     adapter = cfg.adapter
-    if adapter.get("lora_model_dir"):
-        check_adapter_folder(Path(adapter.lora_model_dir), "adapter.lora_model_dir")
     if "target_modules" not in adapter:
         return  # a full fine-tune
     targets = list(adapter.target_modules or [])

@@ -1,0 +1,1 @@
+"""Around a run: checkpoint resolution and writing, resume, callbacks, trackers, strategies."""
