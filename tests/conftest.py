@@ -1,19 +1,16 @@
-"""Shared test set-up: the real Hydra config, shrunk by overrides, and an isolated cache."""
+"""Test session set-up: an isolated model cache, offline libraries, two threads, GPU tests
+skipped without CUDA, and the shared fixtures. Helpers live in tests/helpers."""
 
 from __future__ import annotations
 
-import csv
 import os
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from helpers import SHARED_DATA
 
 # Converted models and tokenizers go to a fresh folder per test session, never the user's cache,
 # so every session exercises the conversions it relies on.
@@ -22,59 +19,6 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-# The base of every training test: tiny random Mistral, fp32 on CPU, a few steps, no clutter.
-TINY = [
-    "experiment=tiny",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",  # with callbacks.progress_bar left configured
-]
-
-
-def compose_config(overrides: list[str], output_dir: Path | str = "unused") -> DictConfig:
-    """The run config exactly as `python train.py <overrides>` would compose it."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[*overrides, f"output_dir={output_dir}"])
-
-
-def logged(output_dir: Path, key: str) -> list[float]:
-    """Every value of one metric in the run's metrics.csv, in logging order."""
-    with open(output_dir / "csv" / "metrics.csv") as handle:
-        return [float(row[key]) for row in csv.DictReader(handle) if row.get(key)]
-
-
-def packed_test_module(
-    attn: str = "sdpa", checkpointing: bool = False, overrides: tuple[str, ...] = ()
-):
-    """A tiny LoRA module with non-zero adapter weights, so the adapter takes part in what is
-    compared, and no dropout."""
-    from lorafit.model.module import CausalLMModule
-
-    cfg = compose_config(
-        [
-            *TINY,
-            f"model.attn_implementation={attn}",
-            "adapter.dropout=0",
-            f"model.gradient_checkpointing={str(checkpointing).lower()}",
-            *overrides,
-        ]
-    )
-    torch.manual_seed(0)
-    module = CausalLMModule(model=cfg.model, adapter=cfg.adapter, optimizer={}, scheduler={})
-    module.configure_model()
-    for name, p in module.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    return module
-
-
-def packed_demo(examples, capacity: int = 256):
-    """The examples packed into rows of `capacity`, and a collate for one row at a time."""
-    from lorafit.data.examples import PackedExamples
-    from lorafit.data.packing import pack_rows, packed_collate
-
-    packed = PackedExamples(examples, pack_rows(examples.lengths().tolist(), capacity))
-    return packed, lambda items: packed_collate(items, pad_token_id=0)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save as safetensors_save
 
-from conftest import CONF_DIR, TINY, compose_config, logged
+from helpers import CONF_DIR, TINY, compose_config, logged
 from lorafit.errors import CheckpointError, LorafitError
 from lorafit.eval.evaluation import evaluate
 from lorafit.strict_config import config_error
@@ -522,6 +522,7 @@ def test_arguments_the_config_takes_pass_the_command_line_check():
         ("eval.py", ["ckpt={tmp}/empty.ckpt"]),  # a LorafitError inside the run
     ],
 )
+@pytest.mark.slow
 def test_entry_points_exit_with_status_2_and_one_line(tmp_path, script, arguments):
     (tmp_path / "empty.ckpt").write_bytes(b"")
     command = [sys.executable, str(CONF_DIR.parent / script)]
@@ -550,6 +551,7 @@ def test_rows_with_an_empty_answer_train_with_a_warning_naming_them(tmp_path, ca
     assert len(warned) == 1 and "1 row(s)" in warned[0] and "(rows 20)" in warned[0]
 
 
+@pytest.mark.slow
 def test_a_validation_interval_longer_than_an_epoch_validates_each_epoch(tmp_path, caplog):
     # Packing the demo set into 2048-token rows leaves 2 training batches, fewer than the 4
     # that experiment=tiny validates after: Lightning alone stops with a traceback.

@@ -7,7 +7,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
-from conftest import CONF_DIR, compose_config
+from helpers import CONF_DIR, compose_config
 from lorafit.config_checks import check_config
 from lorafit.errors import ConfigError
 from lorafit.model.adapters import FullFineTune, LoraAdapter

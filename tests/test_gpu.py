@@ -26,7 +26,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from conftest import TINY, compose_config, logged
+from helpers import TINY, compose_config, logged
 from lorafit.data.prompts import alpaca_prompt
 from lorafit.eval.evaluation import generate, load_trained, validation_metrics
 from lorafit.training import build_run

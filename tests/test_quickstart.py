@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose_config, logged
+from helpers import compose_config, logged
 from lorafit.training import train
+
+pytestmark = pytest.mark.slow
 
 
 def test_quickstart_runs_end_to_end(tmp_path):

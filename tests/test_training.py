@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 from peft import PeftModel
 
-from conftest import TINY, compose_config, logged
+from helpers import TINY, compose_config, logged
 from lorafit.training import build_run, train
 
 # Per-step train/loss of GOLDEN_RUN; fp32, seed 42, torch 2.13 CPU, transformers 5.24, peft 0.21.2,
@@ -116,6 +116,7 @@ def test_checkpoints_hold_adapter_and_optimizer_and_keep_the_newest(tmp_path):
     assert checkpoint["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_losses_with_dropout(tmp_path):
     runs = []
     for name in ("first", "second"):
@@ -132,6 +133,7 @@ def test_the_same_seed_gives_the_same_losses_with_dropout(tmp_path):
     assert logged(tmp_path / "other", "train/loss") != runs[0]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_gives_the_single_process_losses(tmp_path):
     # Same global batch of 8: one process accumulating 4 micro-batches of 2, or two processes
     # (gloo, CPU) accumulating 2 each; the step loss is the mean over the global batch either way.

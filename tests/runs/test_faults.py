@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, compose_config, logged
-from fault_injection import start_slow_run, wait_for
+from helpers import TINY, compose_config, logged
+from helpers.fault_injection import start_slow_run, wait_for
 from lorafit.errors import LossDivergedError
 from lorafit.training import train
 
@@ -28,6 +28,7 @@ def _start(folder: Path, *extra: str) -> subprocess.Popen:
     return start_slow_run(folder, [*RUN, *extra], seconds=0.4)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_step_boundary_checkpoint_that_resumes_exactly(tmp_path):
     train(compose_config(RUN, tmp_path / "unbroken"))
     unbroken = logged(tmp_path / "unbroken", "train/loss")
@@ -46,12 +47,13 @@ def test_sigterm_saves_a_step_boundary_checkpoint_that_resumes_exactly(tmp_path)
     torch.testing.assert_close(resumed, unbroken[steps:], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
     folder = tmp_path / "run"
     # 200 MB of ballast per checkpoint makes each write long enough to be caught in the act.
     process = _start(
         folder,
-        "+callbacks.ballast._target_=fault_injection.Ballast",
+        "+callbacks.ballast._target_=helpers.fault_injection.Ballast",
         "+callbacks.ballast.megabytes=200",
     )
     checkpoints = folder / "checkpoints"
@@ -71,7 +73,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_checkpoint(tmp_pa
         *TINY,
         "trainer.max_steps=8",
         "callbacks.model_checkpoint.every_n_train_steps=1",
-        "+callbacks.poison._target_=fault_injection.PoisonWeights",
+        "+callbacks.poison._target_=helpers.fault_injection.PoisonWeights",
         "+callbacks.poison.at_step=3",
     ]
     with pytest.raises(LossDivergedError, match=r"nan at step 4.*last good checkpoint is .*ckpt"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import TINY, compose_config, logged
+from helpers import TINY, compose_config, logged
 from lorafit.errors import CheckpointError, EvaluationError, ExportError
 from lorafit.eval.evaluation import evaluate, load_trained, validation_metrics
 from lorafit.eval.export import export
@@ -116,6 +116,7 @@ def test_merged_export_reloads_with_the_adapter_logits(tmp_path, adapter, tolera
         torch.testing.assert_close(merged(ids).logits, module(ids), rtol=0, atol=10 * tolerance)
 
 
+@pytest.mark.slow
 def test_qlora_bf16_export_passes_its_fidelity_check_and_a_strict_one_fails(tmp_path):
     run = tmp_path / "run"
     train(compose_config([*TINY, "adapter=qlora", "trainer.max_steps=2"], run))
@@ -129,6 +130,7 @@ def test_qlora_bf16_export_passes_its_fidelity_check_and_a_strict_one_fails(tmp_
         export(compose_config(strict, tmp_path / "strict"), strict)
 
 
+@pytest.mark.slow
 def test_qlora_eval_reproduces_its_training_validation_loss(tmp_path):
     run = tmp_path / "run"
     train(compose_config([*TINY, "adapter=qlora"], run))
@@ -137,11 +139,12 @@ def test_qlora_eval_reproduces_its_training_validation_loss(tmp_path):
 
 
 def _cli(script: str, *args: str, cwd: Path) -> int:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     command = [sys.executable, str(root / script), *args, f"hydra.run.dir={cwd}"]
     return subprocess.run(command, cwd=root, capture_output=True, timeout=300).returncode
 
 
+@pytest.mark.slow
 def test_command_lines_answer_and_fail_cleanly(tmp_path):
     assert _cli("eval.py", f"ckpt={tmp_path / 'nope'}", cwd=tmp_path / "a") == 2
     prompt = ["ckpt=none", "experiment=tiny", "+prompt=Name a colour.", "eval.max_new_tokens=3"]

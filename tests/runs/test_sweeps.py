@@ -8,13 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
-from conftest import TINY, compose_config
+from helpers import TINY, compose_config
 from lorafit.eval import leaderboard
 from lorafit.training import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUIET = [
     "trainer.log_every_n_steps=1",
     "callbacks.progress_bar=null",
@@ -37,6 +38,7 @@ def _multirun(sweep: Path, *overrides: str) -> None:
     assert result.returncode == 0, result.stderr.decode()[-2000:]
 
 
+@pytest.mark.slow
 def test_a_grid_sweep_gives_four_runs_a_leaderboard_and_one_tokenization(tmp_path):
     sweep = tmp_path / "grid"
     _multirun(sweep, "adapter.r=4,8", "optimizer.lr=1e-3,1e-2")
@@ -56,6 +58,7 @@ def test_a_grid_sweep_gives_four_runs_a_leaderboard_and_one_tokenization(tmp_pat
     assert len({c["key"] for c in cached}) == 1
 
 
+@pytest.mark.slow
 def test_an_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
     sweep = tmp_path / "optuna"
     _multirun(sweep, "hparams_search=optuna", "hydra.sweeper.n_trials=3")
@@ -72,6 +75,7 @@ def test_an_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_offline_wandb_records_metrics_gradients_config_and_the_adapter(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     overrides = [

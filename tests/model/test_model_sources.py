@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from safetensors import safe_open
 from transformers import MistralForCausalLM
 
-from conftest import compose_config
+from helpers import compose_config
 from lorafit.model.adapters import trainable_parameters
 
 # mistralai/Mistral-7B-v0.1's config.json, the fields that fix shape and numerics.

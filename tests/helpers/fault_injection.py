@@ -44,7 +44,7 @@ class PoisonWeights(pl.Callback):
                         parameter.fill_(float("nan"))
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_slow_run(folder: Path, overrides: list[str], seconds: float) -> subprocess.Popen:
@@ -55,7 +55,7 @@ def start_slow_run(folder: Path, overrides: list[str], seconds: float) -> subpro
         *overrides,
         f"output_dir={folder}",
         f"hydra.run.dir={folder}",
-        "+callbacks.slow._target_=fault_injection.SleepEachStep",
+        "+callbacks.slow._target_=helpers.fault_injection.SleepEachStep",
         f"+callbacks.slow.seconds={seconds}",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}

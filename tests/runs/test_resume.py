@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, compose_config, logged
-from fault_injection import start_slow_run, wait_for
+from helpers import TINY, compose_config, logged
+from helpers.fault_injection import start_slow_run, wait_for
 from lorafit.errors import ConfigError
 from lorafit.training import build_run, train
 
@@ -37,6 +37,7 @@ def _killed_run(folder: Path, kill_after: Path) -> None:
     assert process.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_a_killed_and_resumed_run_continues_the_same_losses(tmp_path):
     train(compose_config(RUN, tmp_path / "unbroken"))
     unbroken = logged(tmp_path / "unbroken", "train/loss")
@@ -74,6 +75,7 @@ def test_a_missing_resume_checkpoint_is_named(tmp_path):
         train(compose_config([*TINY, f"resume_from_checkpoint={tmp_path / 'nope'}"], tmp_path))
 
 
+@pytest.mark.slow
 def test_resume_force_continues_despite_a_difference(tmp_path):
     train(compose_config([*TINY, "trainer.max_steps=2"], tmp_path / "first"))
     again = [

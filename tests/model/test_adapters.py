@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from transformers import MistralConfig, MistralForCausalLM
 
-from conftest import TINY, compose_config, logged
+from helpers import TINY, compose_config, logged
 from lorafit.errors import QuantizationUnavailableError
 from lorafit.model.adapters import trainable_parameters
 from lorafit.training import build_run, train
@@ -72,6 +72,7 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_training_continues_from_a_saved_adapter(tmp_path):
     train(compose_config([*TINY, "adapter.dropout=0"], tmp_path / "first"))
     second = [

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
-from conftest import TINY, compose_config
+from helpers import TINY, compose_config
 from lorafit.training import train
 
 SECRET = "sk-lorafit-test-secret-0123456789"
 
 
+@pytest.mark.slow
 def test_tokens_in_the_environment_never_reach_run_files(tmp_path, monkeypatch):
     for name in ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.setenv(name, SECRET)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY, compose_config, packed_demo, packed_test_module
+from helpers import TINY, compose_config, packed_demo, packed_test_module
 from lorafit.errors import PackingError
 from lorafit.model.isolation import check_isolation, compute_precision
 from lorafit.model.module import CausalLMModule
@@ -69,6 +69,7 @@ def test_the_perturbation_alone_catches_a_leak_below_bf16_loss_tolerance(demo_ex
             check_isolation(_as(_IgnoresPositions, honest), packed, collate)
 
 
+@pytest.mark.slow
 def test_bf16_rounding_is_not_read_as_a_leak(demo_examples):
     # A pretrained model's logits are large, so bf16 rounds its packed and alone losses apart
     # by up to ~1e-2 (relative): far above fp32's 1e-4, and no leak. The check computes in

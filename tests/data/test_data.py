@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, compose_config
+from helpers import TINY, compose_config
 from lorafit.constants import IGNORE_INDEX
 from lorafit.data.batching import StepBatchSampler, label_tokens, pad_collate
 from lorafit.data.datamodule import split_rows

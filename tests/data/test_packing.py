@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from conftest import TINY, compose_config, logged, packed_test_module
+from helpers import TINY, compose_config, logged, packed_test_module
 from lorafit.config_checks import check_config
 from lorafit.constants import IGNORE_INDEX
 from lorafit.data.examples import PackedExamples
@@ -110,6 +110,7 @@ def test_backends_that_cannot_isolate_are_refused(attn, tmp_path):
         check_config(cfg)
 
 
+@pytest.mark.slow
 def test_packed_training_runs_with_static_shapes_and_a_tiny_validation_split(tmp_path):
     overrides = [
         *TINY,

@@ -1,0 +1,68 @@
+"""What tests share: the real Hydra config shrunk by overrides, a run's logged metrics, and
+tiny packed models and rows."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = ROOT / "conf"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# The base of every training test: tiny random Mistral, fp32 on CPU, a few steps, no clutter.
+TINY = [
+    "experiment=tiny",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",  # with callbacks.progress_bar left configured
+]
+
+
+def compose_config(overrides: list[str], output_dir: Path | str = "unused") -> DictConfig:
+    """The run config exactly as `python train.py <overrides>` would compose it."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[*overrides, f"output_dir={output_dir}"])
+
+
+def logged(output_dir: Path, key: str) -> list[float]:
+    """Every value of one metric in the run's metrics.csv, in logging order."""
+    with open(output_dir / "csv" / "metrics.csv") as handle:
+        return [float(row[key]) for row in csv.DictReader(handle) if row.get(key)]
+
+
+def packed_test_module(
+    attn: str = "sdpa", checkpointing: bool = False, overrides: tuple[str, ...] = ()
+):
+    """A tiny LoRA module with non-zero adapter weights, so the adapter takes part in what is
+    compared, and no dropout."""
+    from lorafit.model.module import CausalLMModule
+
+    cfg = compose_config(
+        [
+            *TINY,
+            f"model.attn_implementation={attn}",
+            "adapter.dropout=0",
+            f"model.gradient_checkpointing={str(checkpointing).lower()}",
+            *overrides,
+        ]
+    )
+    torch.manual_seed(0)
+    module = CausalLMModule(model=cfg.model, adapter=cfg.adapter, optimizer={}, scheduler={})
+    module.configure_model()
+    for name, p in module.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return module
+
+
+def packed_demo(examples, capacity: int = 256):
+    """The examples packed into rows of `capacity`, and a collate for one row at a time."""
+    from lorafit.data.examples import PackedExamples
+    from lorafit.data.packing import pack_rows, packed_collate
+
+    packed = PackedExamples(examples, pack_rows(examples.lengths().tolist(), capacity))
+    return packed, lambda items: packed_collate(items, pad_token_id=0)
