@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from hydra.utils import instantiate
 from safetensors import safe_open
@@ -12,6 +13,7 @@ from transformers import MistralForCausalLM
 
 from helpers import compose_config
 from lorafit.model.adapters import trainable_parameters
+from lorafit.model.shape_checks import check_model_fits
 
 # mistralai/Mistral-7B-v0.1's config.json, the fields that fix shape and numerics.
 MISTRAL_7B_V01 = {
@@ -79,3 +81,22 @@ def test_random_mistral_is_built_in_bf16_once_and_the_same_for_the_same_seed():
     rebuilt = MistralForCausalLM.from_pretrained(source.folder())
     assert torch.equal(rebuilt.state_dict()["model.layers.0.mlp.up_proj.weight"], first)
     assert first.dtype == torch.bfloat16 and 0.015 < float(first.float().std()) < 0.025
+
+
+@pytest.mark.slow
+def test_converting_the_gguf_leaves_the_random_stream_alone(tmp_path, monkeypatch):
+    # A cold cache converts the GGUF (building a randomly initialised model first); a warm one
+    # does not. The run's seeded stream must be the same either way, or the first run on a
+    # machine would train differently from every later one.
+    monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path))
+    source = instantiate(compose_config(["model=smollm2_135m"]).model.source)
+    before = torch.get_rng_state()
+    source.prepare()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_checking_the_model_shape_leaves_the_random_stream_alone():
+    cfg = compose_config(["model=tiny_mistral", "adapter.target_linear=false"])
+    before = torch.get_rng_state()
+    check_model_fits(cfg)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -24,7 +24,7 @@ def _first_line(error: BaseException) -> str:
 def module_names(config: object) -> tuple[set[str], set[str]]:
     """The last-dot names of every module of a model with this config, and of its linear layers
     but the output head (what peft's "all-linear", the adapter's target_linear, picks)."""
-    with torch.device("meta"):
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):
         model = AutoModelForCausalLM.from_config(config)
     head = model.get_output_embeddings()
     names, linear = set(), set()

@@ -283,7 +283,10 @@ class GGUFPackageModel:
 
     def prepare(self) -> Path:
         """Convert the GGUF into the cache if not done yet; returns the folder."""
-        return publish(self.folder(), self._convert)
+        # Converting builds a model whose random init is then overwritten: the run's random
+        # stream must not depend on whether the cache was warm.
+        with torch.random.fork_rng(devices=[]):
+            return publish(self.folder(), self._convert)
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         return _with_pad_token(AutoTokenizer.from_pretrained(self.prepare()))
