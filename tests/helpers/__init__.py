@@ -3,12 +3,13 @@ tiny packed models and rows."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+
+from lorafit.runs.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT / "conf"
@@ -30,8 +31,7 @@ def compose_config(overrides: list[str], output_dir: Path | str = "unused") -> D
 
 def logged(output_dir: Path, key: str) -> list[float]:
     """Every value of one metric in the run's metrics.csv, in logging order."""
-    with open(output_dir / "csv" / "metrics.csv") as handle:
-        return [float(row[key]) for row in csv.DictReader(handle) if row.get(key)]
+    return [value for _, value in read_metrics(output_dir / "csv" / "metrics.csv").get(key, [])]
 
 
 def packed_test_module(

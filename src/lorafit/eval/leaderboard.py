@@ -18,18 +18,9 @@ from omegaconf import OmegaConf
 
 from lorafit.errors import EvaluationError, exit_on_user_errors
 from lorafit.eval.report import figure
+from lorafit.runs.metrics_log import read_metrics
 
 METRICS = ("val/loss", "val/ppl", "train/loss", "train/tokens_per_s")
-
-
-def _curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
-    curves: dict[str, list[tuple[int, float]]] = {}
-    with open(metrics_csv) as handle:
-        for row in csv.DictReader(handle):
-            for key, value in row.items():
-                if key not in ("epoch", "step") and value:
-                    curves.setdefault(key, []).append((int(float(row["step"])), float(value)))
-    return curves
 
 
 def collect(sweep: Path) -> list[dict]:
@@ -41,7 +32,7 @@ def collect(sweep: Path) -> list[dict]:
             if (folder / ".hydra" / "overrides.yaml").is_file()
             else []
         )
-        curves = _curves(folder / "csv" / "metrics.csv")
+        curves = read_metrics(folder / "csv" / "metrics.csv")
         final = {key: points[-1][1] for key, points in curves.items()}
         trials.append(
             {"trial": folder.name, "overrides": list(overrides), "final": final, "curves": curves}

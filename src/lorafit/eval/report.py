@@ -6,7 +6,6 @@ render on a headless machine (no display, no GUI toolkit).
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")  # must precede the pyplot import; no display is needed or wanted
 
 import matplotlib.pyplot as plt  # noqa: E402
+
+from lorafit.runs.metrics_log import read_metrics
 
 _CELL_LIMIT = 300  # longest sample cell, in characters, before it is shortened with an ellipsis
 
@@ -39,22 +40,8 @@ def figure(out_png: Path, size: tuple[float, float] = (8, 4.5)) -> Iterator[Any]
 
 def _read_loss_series(metrics_csv: Path, column: str) -> tuple[list[float], list[float]]:
     """The (steps, values) of one column of a CSVLogger metrics.csv, skipping empty cells."""
-    steps: list[float] = []
-    values: list[float] = []
-    with Path(metrics_csv).open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            raw_value = (row.get(column) or "").strip()
-            raw_step = (row.get("step") or "").strip()
-            if not raw_value or not raw_step:
-                continue
-            try:
-                value, step = float(raw_value), float(raw_step)
-            except ValueError:
-                continue
-            if math.isfinite(value):
-                steps.append(step)
-                values.append(value)
-    return steps, values
+    points = [(s, v) for s, v in read_metrics(metrics_csv).get(column, []) if math.isfinite(v)]
+    return [float(s) for s, _ in points], [v for _, v in points]
 
 
 def plot_loss_curves(metrics_csv: Path, out_png: Path) -> Path | None:
