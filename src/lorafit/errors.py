@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from hydra.errors import InstantiationException
+
 
 class LorafitError(Exception):
     """A problem in the user's input or set-up; its message says what, where and how to fix it.
@@ -20,6 +22,14 @@ class LorafitError(Exception):
 
 class ConfigError(LorafitError, ValueError):
     """A config value that cannot work; the message names the key."""
+
+    @classmethod
+    def refused(cls, key: str, error: BaseException) -> ConfigError:
+        """A library's refusal of the value at `key`, as one line; an error raised inside Hydra's
+        instantiate is reported as its cause, the constructor's own complaint."""
+        if isinstance(error, InstantiationException) and error.__cause__ is not None:
+            error = error.__cause__
+        return cls(f"{key}: {describe(error)}")
 
 
 class DataError(LorafitError, ValueError):
@@ -52,6 +62,12 @@ class EvaluationError(LorafitError):
 
 class ExportError(LorafitError):
     """The merged model does not reproduce the adapter model closely enough."""
+
+
+def describe(error: BaseException) -> str:
+    """`Type: first line of the message`: a library's exception, fit for a one-line error."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def exit_on_user_errors(function: Callable[..., Any]) -> Callable[..., Any]:

@@ -30,19 +30,11 @@ from lorafit.runs.tracking import log_run_config
 log = logging.getLogger(__name__)
 
 
-def _refused(key: str, error: Exception) -> ConfigError:
-    """A constructor's refusal of a config value, as one line naming the config key."""
-    cause = error.__cause__ if isinstance(error, InstantiationException) else error
-    cause = cause or error
-    lines = str(cause).strip().splitlines() or [""]
-    return ConfigError(f"{key}: {type(cause).__name__}: {lines[0]}".rstrip(": "))
-
-
 def _instantiate(key: str, node: DictConfig, **kwargs: Any) -> Any:
     try:
         return instantiate(node, **kwargs)
     except (InstantiationException, ValueError, TypeError) as error:
-        raise _refused(key, error) from error
+        raise ConfigError.refused(key, error) from error
 
 
 def _instantiate_each(group: str, cfg: DictConfig) -> list[Any]:
@@ -58,11 +50,11 @@ def _check_optimization(cfg: DictConfig) -> None:
     try:
         optimizer = instantiate(cfg.optimizer)(stand_in)
     except Exception as error:  # noqa: BLE001 - optimizers refuse values with many types
-        raise _refused("optimizer", error) from error
+        raise ConfigError.refused("optimizer", error) from error
     try:
         instantiate(cfg.scheduler)(optimizer, num_training_steps=max(cfg.trainer.max_steps, 1))
     except Exception as error:  # noqa: BLE001
-        raise _refused("scheduler", error) from error
+        raise ConfigError.refused("scheduler", error) from error
 
 
 def _callbacks(cfg: DictConfig) -> list[Callback]:

@@ -13,12 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM
 
-from lorafit.errors import ConfigError
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else ""
+from lorafit.errors import ConfigError, describe
 
 
 def module_names(config: object) -> tuple[set[str], set[str]]:
@@ -42,8 +37,7 @@ def check_model_fits(cfg: DictConfig) -> None:
     try:
         config = instantiate(cfg.model.source).load_config()
     except (InstantiationException, ValueError, TypeError) as error:
-        cause = error.__cause__ or error
-        raise ConfigError(f"model.source: {type(cause).__name__}: {_first_line(cause)}") from error
+        raise ConfigError.refused("model.source", error) from error
     positions = getattr(config, "max_position_embeddings", None)
     if positions and cfg.data.sequence_len > positions:
         raise ConfigError(
@@ -63,8 +57,7 @@ def check_model_fits(cfg: DictConfig) -> None:
         names, linear = module_names(config)
     except Exception as error:  # noqa: BLE001 - a config that cannot build fails many ways
         raise ConfigError(
-            f"model: its config does not build a model ({type(error).__name__}: "
-            f"{_first_line(error)})"
+            f"model: its config does not build a model ({describe(error)})"
         ) from error
     shown = ", ".join(sorted(linear))
     if adapter.target_linear:

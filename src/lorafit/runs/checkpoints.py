@@ -17,7 +17,7 @@ from peft import set_peft_model_state_dict
 from peft.utils import load_peft_weights
 from safetensors import safe_open
 
-from lorafit.errors import CheckpointError
+from lorafit.errors import CheckpointError, describe
 
 # What a run folder's own config supplies to eval unless the command line overrides: the
 # trainer too, so validation runs at the precision training used.
@@ -45,11 +45,6 @@ class Checkpoint:
         return OmegaConf.load(self.run_dir / "config.yaml")
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def read_checkpoint(path: Path, key: str) -> dict:
     """A Lightning .ckpt file's contents (tensors only, nothing executed), or a CheckpointError
     naming the file and what is wrong with it: empty, truncated, or not a checkpoint."""
@@ -57,7 +52,7 @@ def read_checkpoint(path: Path, key: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # noqa: BLE001 - torch reports damage with many types
         raise CheckpointError(
-            f"{key}={path}: not a readable checkpoint ({_first_line(error)})"
+            f"{key}={path}: not a readable checkpoint ({describe(error)})"
         ) from error
     if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
         raise CheckpointError(f"{key}={path}: not a Lightning checkpoint (it has no state_dict)")
@@ -92,7 +87,7 @@ def check_adapter_folder(folder: Path, key: str) -> None:
                 handle.get_slice(name)[:]
     except Exception as error:  # noqa: BLE001 - safetensors reports damage with many types
         raise CheckpointError(
-            f"{weights}: not a readable safetensors file ({_first_line(error)})"
+            f"{weights}: not a readable safetensors file ({describe(error)})"
         ) from error
     if not names:
         raise CheckpointError(f"{weights}: holds no weights")
@@ -116,7 +111,7 @@ def resolve(ckpt: str | None) -> Checkpoint:
             loaded = OmegaConf.load(config_file)
         except Exception as error:  # noqa: BLE001 - YAML and OmegaConf errors alike
             raise CheckpointError(
-                f"{config_file}: not a readable run config ({_first_line(error)})"
+                f"{config_file}: not a readable run config ({describe(error)})"
             ) from error
         if not isinstance(loaded, DictConfig) or "model" not in loaded:
             raise CheckpointError(f"{config_file}: not a lorafit run config (no model section)")
