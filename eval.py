@@ -19,7 +19,7 @@ from lorafit.eval.evaluation import evaluate
 from lorafit.strict_config import exit_on_config_errors
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 @exit_on_user_errors
 def main(cfg: DictConfig) -> float | None:
     metrics = evaluate(cfg, HydraConfig.get().overrides.task)
@@ -27,5 +27,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    exit_on_config_errors(Path(__file__).parent / "conf")
+    exit_on_config_errors(Path(__file__).parent / "conf", config_name="eval")
     main()

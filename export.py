@@ -15,12 +15,12 @@ from lorafit.eval.export import export
 from lorafit.strict_config import exit_on_config_errors
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 @exit_on_user_errors
 def main(cfg: DictConfig) -> None:
     export(cfg, HydraConfig.get().overrides.task)
 
 
 if __name__ == "__main__":
-    exit_on_config_errors(Path(__file__).parent / "conf")
+    exit_on_config_errors(Path(__file__).parent / "conf", config_name="eval")
     main()

@@ -1,8 +1,8 @@
 """Answer one prompt with a trained adapter (or the base model), in the training template.
 
-    python generate.py ckpt=outputs/runs/<run> +prompt="What is the capital of France?"
-    python generate.py ckpt=none experiment=quickstart +prompt="Classify: great film!" \\
-        +input="" eval.do_sample=true eval.temperature=0.7
+    python generate.py ckpt=outputs/runs/<run> prompt="What is the capital of France?"
+    python generate.py ckpt=none experiment=quickstart prompt="Classify: great film!" \\
+        input="" eval.do_sample=true eval.temperature=0.7
 """
 
 from pathlib import Path
@@ -17,11 +17,11 @@ from lorafit.eval.evaluation import generate, load_trained
 from lorafit.strict_config import exit_on_config_errors
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 @exit_on_user_errors
 def main(cfg: DictConfig) -> None:
-    if "prompt" not in cfg:
-        raise ConfigError('give the instruction as +prompt="..." (and optionally +input="...")')
+    if cfg.prompt is None:
+        raise ConfigError('give the instruction as prompt="..." (and optionally input="...")')
     cfg, module, datamodule, _ = load_trained(cfg, HydraConfig.get().overrides.task)
     prompt = alpaca_prompt(str(cfg.prompt), str(cfg.get("input") or ""))
     (answer,) = generate(
@@ -36,5 +36,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_config_errors(Path(__file__).parent / "conf", allowed_new_keys=("prompt", "input"))
+    exit_on_config_errors(Path(__file__).parent / "conf", config_name="eval")
     main()

@@ -91,8 +91,8 @@ def preparation(rows: list[dict[str, str]], tokenizer) -> None:
                 micro_batch_size=1,
                 sample_packing=True,
                 dataset_prepared_path=str(Path(folder) / "cache"),
-                tokenizer=tokenizer,
             )
+            datamodule.connect(tokenizer)
             datamodule.setup("fit")
             elapsed = time.perf_counter() - start
             print(

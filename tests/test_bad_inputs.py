@@ -199,7 +199,6 @@ CASES = [
     ),
     ("no new tokens to generate", ["eval.max_new_tokens=0"], None, r"eval\.max_new_tokens=0"),
     ("zero temperature", ["eval.temperature=0"], None, r"eval\.temperature=0"),
-    ("unknown export dtype", ["export.dtype=float8"], None, r"export\.dtype='float8'"),
     (
         "JSON that stops parsing",
         [],
@@ -296,7 +295,7 @@ FILE_CASES = [
         "resume run folder without checkpoints",
         ["resume_from_checkpoint={tmp}/old"],
         {"old/config.yaml": b"model: {}\n"},
-        r"resume_from_checkpoint=.*old.*does not exist",
+        r"resume_from_checkpoint=.*old: the run folder has no checkpoints/last\.ckpt",
     ),
     (
         "missing starting adapter",
@@ -504,9 +503,26 @@ def test_command_line_errors_are_one_line(case, overrides, message):
     assert re.search(message, error), error
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("export.dtype=float8", r"export\.dtype='float8'"),
+        ("export.max_kl=-1", r"export\.max_kl=-1"),
+        ("eval.max_new_tokens=0", r"eval\.max_new_tokens=0"),
+    ],
+)
+def test_export_and_eval_settings_are_refused_before_a_model_loads(override, message):
+    assert re.search(message, config_error(["ckpt=none", override], CONF_DIR, "eval"))
+
+
+def test_the_tools_need_a_checkpoint():
+    assert "set ckpt" in config_error([], CONF_DIR, "eval")
+
+
 def test_arguments_the_config_takes_pass_the_command_line_check():
     assert config_error(["+optimizer.betas=[0.9,0.95]"], CONF_DIR) is None  # AdamW takes it
-    assert config_error(["+prompt=Hi."], CONF_DIR, allowed_new_keys=("prompt",)) is None
+    assert config_error(["ckpt=none", "prompt=Hi.", "input=x"], CONF_DIR, "eval") is None
+    assert "nothing reads" in config_error(["+prompt=Hi."], CONF_DIR)  # training has no prompt
     assert config_error(["hparams_search=optuna", "experiment=tiny"], CONF_DIR) is None
     monitor = "+callbacks.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor"
     assert config_error([monitor, "+callbacks.lr.logging_interval=step"], CONF_DIR) is None

@@ -12,7 +12,8 @@ from lorafit.config_checks import check_config
 from lorafit.errors import ConfigError
 from lorafit.model.adapters import FullFineTune, LoraAdapter
 
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+# conf/_base holds what the options of a group share; it is not a group to choose from.
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_"))
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF_DIR / g).glob("*.yaml"))]
 NEEDS_VALUE = {("data", "local"): ["data.datasets.0.path=rows.jsonl"]}
 

@@ -164,7 +164,7 @@ def test_the_model_stays_on_the_gpu_for_generation(qlora_7b_run):
 
 
 def test_generate_cli_answers(qlora_7b_run, tmp_path):
-    prompt = ["+prompt=Name three primary colours.", "eval.max_new_tokens=16"]
+    prompt = ["prompt=Name three primary colours.", "eval.max_new_tokens=16"]
     status, _, output = _cli("generate.py", f"ckpt={qlora_7b_run['out']}", *prompt, out=tmp_path)
     assert status == 0, output[-3000:]
 

@@ -3,25 +3,38 @@
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lorafit.constants import ATTENTION_BACKENDS
 from lorafit.data.packing import check_backend
+from lorafit.data.tokenization import OVERLONG_POLICIES
 from lorafit.errors import ConfigError
 from lorafit.folders import check_folder
 
 
 def devices_count(trainer: DictConfig) -> int:
-    """Data-parallel processes the trainer config asks for (1 when it cannot tell yet)."""
+    """Data-parallel processes the trainer config asks for on this machine: `auto` and -1
+    count the GPUs Lightning would take (a CPU run is one process)."""
     devices = trainer.get("devices", 1)
+    nodes = int(trainer.get("num_nodes", 1))
+    if devices == "auto" or devices == -1:
+        accelerator = trainer.get("accelerator", "auto")
+        on_gpu = accelerator in ("gpu", "cuda") or (
+            accelerator == "auto" and torch.cuda.is_available()
+        )
+        return max(torch.cuda.device_count(), 1) * nodes if on_gpu else nodes
     if isinstance(devices, int) and devices > 0:
-        return devices * int(trainer.get("num_nodes", 1))
-    if isinstance(devices, list | tuple):
-        return len(devices) * int(trainer.get("num_nodes", 1))
-    return 1
+        return devices * nodes
+    if isinstance(devices, list | tuple) or OmegaConf.is_list(devices):
+        return len(devices) * nodes
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text.isdigit():
+            return int(text) * nodes
+        return len([d for d in text.split(",") if d.strip()]) * nodes
+    return nodes
 
 
 def gradient_accumulation(cfg: DictConfig) -> int:
@@ -54,8 +67,23 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _missing_keys(node: object, prefix: str = "") -> list[str]:
+    """Keys left at `???`, spelled as a command line sets them (`data.datasets.0.path`).
+    Walks the unresolved config: `${hydra:...}` cannot be resolved before Hydra runs."""
+    if isinstance(node, dict):
+        children = node.items()
+    elif isinstance(node, list):
+        children = enumerate(node)
+    else:
+        return [prefix.rstrip(".")] if node == "???" else []
+    return sorted(k for key, value in children for k in _missing_keys(value, f"{prefix}{key}."))
+
+
 def check_values(cfg: DictConfig) -> None:
     """Types and ranges of the keys whose bad values would fail late or silently."""
+    missing = _missing_keys(OmegaConf.to_container(cfg, resolve=False))
+    if missing:
+        raise ConfigError(f"set {', '.join(missing)} (e.g. {missing[0]}=...): it has no value")
     adapter, data, model = cfg.adapter, cfg.data, cfg.model
     if "r" in adapter:
         _require(_is_int(adapter.r) and adapter.r > 0, "adapter.r", adapter.r, "an integer > 0")
@@ -87,10 +115,10 @@ def check_values(cfg: DictConfig) -> None:
     for key in ("batch_size", "micro_batch_size"):
         _require(_is_int(data[key]) and data[key] >= 1, f"data.{key}", data[key], "an integer >= 1")
     _require(
-        data.get("overlong", "truncate") in ("truncate", "drop"),
+        data.get("overlong", "truncate") in OVERLONG_POLICIES,
         "data.overlong",
         data.get("overlong"),
-        "truncate or drop",
+        " or ".join(OVERLONG_POLICIES),
     )
     _require(
         _is_number(cfg.optimizer.lr) and math.isfinite(cfg.optimizer.lr) and cfg.optimizer.lr > 0,
@@ -284,10 +312,6 @@ def check_machine(cfg: DictConfig) -> None:
 
 def check_config(cfg: DictConfig) -> int:
     """Validate what can be checked from the config alone; returns the gradient accumulation."""
-    # OmegaConf spells list items key[0]; overrides on the command line spell them key.0.
-    missing = sorted(re.sub(r"\[(\d+)\]", r".\1", key) for key in OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"set {', '.join(missing)} (e.g. {missing[0]}=...): it has no value")
     check_values(cfg)
     check_folder("output_dir", cfg.output_dir)
     check_folder("data.dataset_prepared_path", cfg.data.get("dataset_prepared_path"))

@@ -108,7 +108,6 @@ def _added_key_error(
     added: Sequence[str],
     composed: DictConfig,
     groups: Sequence[str],
-    allowed: Sequence[str],
     valid: list[str],
 ) -> str | None:
     # `+key=value` adds a key to the config. Under an object built from config (`_target_`)
@@ -116,7 +115,7 @@ def _added_key_error(
     # accepting it would be a silent no-op.
     for override in added:
         key = override.lstrip("+").split("=", 1)[0]
-        if key in groups or key in allowed:
+        if key in groups:
             continue
         parent, _, name = key.rpartition(".")
         if name in INSTANTIATE_KEYS:
@@ -141,12 +140,11 @@ def config_error(
     overrides: Sequence[str],
     config_dir: Path,
     config_name: str = "train",
-    allowed_new_keys: Sequence[str] = (),
 ) -> str | None:
     """One line saying what is wrong with the command line's overrides, or None.
 
     Unknown keys get the closest valid ones, unknown group options the options that exist,
-    and `+key=...` for a key nothing reads (`allowed_new_keys` excepted) is refused rather than
+    and `+key=...` for a key nothing reads is refused rather than
     silently ignored. Any other composition error is Hydra's message on one line.
     """
     if any(SWEEP_SYNTAX.search(o.split("=", 1)[-1]) for o in overrides if "=" in o):
@@ -165,7 +163,7 @@ def config_error(
             groups = [p.name for p in config_dir.iterdir() if p.is_dir()]
             kept = [o for o in overrides if o not in added]
             valid = _leaf_keys(compose(config_name, overrides=kept))
-            message = _added_key_error(added, composed, groups, allowed_new_keys, valid)
+            message = _added_key_error(added, composed, groups, valid)
             if message:
                 return message
     try:
@@ -176,14 +174,16 @@ def config_error(
 
 
 def exit_on_config_errors(
-    config_dir: Path, argv: Sequence[str] | None = None, allowed_new_keys: Sequence[str] = ()
+    config_dir: Path,
+    argv: Sequence[str] | None = None,
+    config_name: str = "train",
 ) -> None:
     """For entry points: stop with one line and status 2 before Hydra starts the run."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     if any(a.startswith("-") for a in arguments):
         return  # --help, --cfg, -m ...: Hydra's own modes
     overrides = [a for a in arguments if "=" in a and not a.lstrip("+~").startswith("hydra.")]
-    message = config_error(overrides, config_dir, allowed_new_keys=allowed_new_keys)
+    message = config_error(overrides, config_dir, config_name)
     if message:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

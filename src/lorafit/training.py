@@ -16,11 +16,11 @@ from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lorafit.config_checks import check_config, check_machine
+from lorafit.config_checks import check_config, check_machine, devices_count
 from lorafit.data.datamodule import AlpacaDataModule
 from lorafit.errors import ConfigError
 from lorafit.folders import writable_folder
-from lorafit.model.module import CausalLMModule
+from lorafit.model.module import CausalLMModule, build_module
 from lorafit.model.shape_checks import check_model_fits
 from lorafit.runs.checkpoints import check_adapter_folder
 from lorafit.runs.resume import check_matches, checkpoint_path, fingerprint
@@ -72,7 +72,7 @@ def _fit_validation_interval(cfg: DictConfig, datamodule: AlpacaDataModule) -> N
     interval = cfg.trainer.get("val_check_interval")
     if not isinstance(interval, int) or isinstance(interval, bool):
         return
-    batches = len(datamodule.train_dataloader())
+    batches = datamodule.train_batches_per_epoch(devices_count(cfg.trainer))
     if interval > batches:
         log.warning(
             "trainer.val_check_interval=%d is more than the %d training batches of an epoch "
@@ -108,7 +108,7 @@ def build_run(cfg: DictConfig) -> Run:
     check_model_fits(cfg)  # LoRA targets and positions, from the model's shape alone
     if cfg.adapter.get("lora_model_dir"):
         check_adapter_folder(Path(cfg.adapter.lora_model_dir), "adapter.lora_model_dir")
-    datamodule.tokenizer = instantiate(cfg.model.source).load_tokenizer()
+    datamodule.connect(instantiate(cfg.model.source).load_tokenizer())
     datamodule.setup("fit")  # tokenize and pack now: data that cannot train fails here
     _fit_validation_interval(cfg, datamodule)
     resume = checkpoint_path(cfg.resume_from_checkpoint)
@@ -129,14 +129,7 @@ def build_run(cfg: DictConfig) -> Run:
         # Which prepared data the run used, and whether it came from the cache.
         record = {"key": datamodule.cache_key, "from_cache": datamodule.prepared_from_cache}
         (output_dir / "prepared_data.json").write_text(json.dumps(record) + "\n")
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    module = CausalLMModule(
-        model=plain["model"],
-        adapter=plain["adapter"],
-        optimizer=plain["optimizer"],
-        scheduler=plain["scheduler"],
-    )
-    module.fingerprint = run_fingerprint
+    module = build_module(cfg, fingerprint=run_fingerprint)
     return Run(trainer, module, datamodule, resume)
 
 

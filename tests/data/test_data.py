@@ -101,8 +101,6 @@ def test_split_is_deterministic_and_disjoint():
         (10, 20, "no training"),
         (10, 0.99, "no training"),
         (1, 0.1, "no training"),
-        (10, -1, "val_set_size"),
-        (10, 1.5, "val_set_size"),
     ],
 )
 def test_empty_splits_are_errors(rows, size, message):

@@ -38,9 +38,9 @@ def _datamodule(data_file: Path, cache: Path, tokenizer, **settings) -> AlpacaDa
         micro_batch_size=2,
         sample_packing=True,
         dataset_prepared_path=str(cache),
-        tokenizer=tokenizer,
     )
     datamodule = AlpacaDataModule(**{**base, **settings})
+    datamodule.connect(tokenizer)
     datamodule.setup("fit")
     return datamodule
 

@@ -147,5 +147,5 @@ def _cli(script: str, *args: str, cwd: Path) -> int:
 @pytest.mark.slow
 def test_command_lines_answer_and_fail_cleanly(tmp_path):
     assert _cli("eval.py", f"ckpt={tmp_path / 'nope'}", cwd=tmp_path / "a") == 2
-    prompt = ["ckpt=none", "experiment=tiny", "+prompt=Name a colour.", "eval.max_new_tokens=3"]
+    prompt = ["ckpt=none", "experiment=tiny", "prompt=Name a colour.", "eval.max_new_tokens=3"]
     assert _cli("generate.py", *prompt, cwd=tmp_path / "b") == 0

@@ -24,9 +24,11 @@ TINY = [
 
 
 def compose_config(overrides: list[str], output_dir: Path | str = "unused") -> DictConfig:
-    """The run config exactly as `python train.py <overrides>` would compose it."""
+    """The config exactly as `python train.py <overrides>` would compose it, or as eval.py,
+    generate.py and export.py would (conf/eval.yaml) when the overrides name a `ckpt`."""
+    name = "eval" if any(o.startswith("ckpt=") for o in overrides) else "train"
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[*overrides, f"output_dir={output_dir}"])
+        return compose(name, overrides=[*overrides, f"output_dir={output_dir}"])
 
 
 def logged(output_dir: Path, key: str) -> list[float]:

@@ -12,7 +12,7 @@ import torch
 
 from helpers import TINY, compose_config, logged
 from helpers.fault_injection import start_slow_run, wait_for
-from lorafit.errors import ConfigError
+from lorafit.errors import CheckpointError, ConfigError
 from lorafit.training import build_run, train
 
 # Dropout on, validation every 2 steps, a checkpoint after every step, all of them kept.
@@ -71,7 +71,7 @@ def test_resuming_under_a_different_config_is_refused(tmp_path, change, named):
 
 
 def test_a_missing_resume_checkpoint_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="nope"):
+    with pytest.raises(CheckpointError, match="nope"):
         train(compose_config([*TINY, f"resume_from_checkpoint={tmp_path / 'nope'}"], tmp_path))
 
 

@@ -38,6 +38,9 @@ class StepBatchSampler(Sampler[list[StepItem]]):
         world_size, rank: This process's place in data-parallel training.
         drop_last: Drop a final global batch smaller than `batch_size` (needed with several
             ranks, where every rank must take the same number of steps).
+
+    `batch_size` must be a multiple of `micro_batch_size * world_size`: the config checks
+    (lorafit.config_checks.gradient_accumulation) refuse anything else before a run starts.
     """
 
     def __init__(
@@ -52,11 +55,6 @@ class StepBatchSampler(Sampler[list[StepItem]]):
         rank: int = 0,
         drop_last: bool = False,
     ):
-        if batch_size % (micro_batch_size * world_size):
-            raise ValueError(
-                f"batch_size {batch_size} is not a multiple of micro_batch_size "
-                f"{micro_batch_size} x {world_size} device(s)"
-            )
         self.label_counts = list(label_counts)
         self.batch_size = batch_size
         self.micro_batch_size = micro_batch_size
@@ -101,37 +99,51 @@ class StepBatchSampler(Sampler[list[StepItem]]):
             for i in range(0, len(mine), self.micro_batch_size):
                 yield [(index, step_tokens) for index in mine[i : i + self.micro_batch_size]]
 
+    def steps(self) -> int:
+        """Optimizer steps (global batches) in an epoch."""
+        return len(self._global_batches())
+
     def __len__(self) -> int:
         return sum(1 for _ in self._micro_batches())
+
+
+def stack_padded(
+    items: Sequence[dict[str, Any]],
+    pad_token_id: int,
+    pad_to: int | None = None,
+    extra: Sequence[str] = (),
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The padding both collates share: right-pad each item's token lists to the longest item
+    (or to `pad_to`) and stack them, with the step's label-token count and the real tokens.
+
+    Padding tokens get `pad_token_id`, labels IGNORE_INDEX (no loss) and `extra` lists 0.
+    `step_tokens` is the label-token count of the optimizer step the micro-batch belongs to
+    (for validation batches, the batch's own count). Returns the batch and each item's length.
+    """
+    lengths = torch.tensor([len(item["input_ids"]) for item in items])
+    width = pad_to or int(lengths.max())
+    fills = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, **dict.fromkeys(extra, 0)}
+    batch = {
+        key: torch.full((len(items), width), fill, dtype=torch.long) for key, fill in fills.items()
+    }
+    for row, item in enumerate(items):
+        for key in fills:
+            batch[key][row, : lengths[row]] = torch.tensor(item[key])
+    own = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    batch["step_tokens"] = torch.tensor(items[0]["step_tokens"] or own, dtype=torch.long)
+    batch["real_tokens"] = lengths.sum()
+    return batch, lengths
 
 
 def pad_collate(
     items: Sequence[dict[str, list[int] | int]], pad_token_id: int, pad_to: int | None = None
 ) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch to its longest example (or to `pad_to`); padding is masked from
-    attention and loss.
-
-    `step_tokens` is the label-token count of the optimizer step the micro-batch belongs to
-    (for validation batches, the batch's own count).
-    """
-    longest = pad_to or max(len(item["input_ids"]) for item in items)
-    input_ids = torch.full((len(items), longest), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
-    for row, item in enumerate(items):
-        n = len(item["input_ids"])
-        input_ids[row, :n] = torch.tensor(item["input_ids"])
-        labels[row, :n] = torch.tensor(item["labels"])
-        attention_mask[row, :n] = 1
-    own = sum(label_tokens(item["labels"]) for item in items)
-    step_tokens = items[0]["step_tokens"] or own
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": attention_mask,
-        "step_tokens": torch.tensor(step_tokens, dtype=torch.long),
-        "real_tokens": attention_mask.sum(),
-    }
+    attention and loss."""
+    batch, lengths = stack_padded(items, pad_token_id, pad_to)
+    columns = torch.arange(batch["input_ids"].shape[1])
+    batch["attention_mask"] = (columns < lengths[:, None]).long()
+    return batch
 
 
 class ResumableLoader(DataLoader):

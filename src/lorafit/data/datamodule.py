@@ -36,10 +36,9 @@ def split_rows(
 
     `val_set_size` below 1 is a fraction (rounded up, as `datasets.train_test_split` does), a
     whole number from 1 up is a count of rows, 0 means no validation. The same rows and seed
-    always give the same split.
+    always give the same split. The value's range is checked with the rest of the config
+    (lorafit.config_checks); what is checked here is what only the rows can tell.
     """
-    if val_set_size < 0 or (isinstance(val_set_size, float) and 1 <= val_set_size):
-        raise DataError(f"data.val_set_size={val_set_size}: use a fraction in [0, 1) or a count")
     n_val = math.ceil(len(rows) * val_set_size) if val_set_size < 1 else int(val_set_size)
     if n_val >= len(rows):
         raise DataError(
@@ -68,7 +67,8 @@ class AlpacaDataModule(pl.LightningDataModule):
         dataset_prepared_path: Folder of the prepared-data cache; None to always tokenize.
         num_workers: DataLoader worker processes.
         seed: Drives the split and the per-epoch shuffle.
-        tokenizer: Set before `setup`; loading rows does not need it.
+
+    Loading and checking rows needs no tokenizer; `connect` hands it over before `setup`.
     """
 
     def __init__(
@@ -85,7 +85,6 @@ class AlpacaDataModule(pl.LightningDataModule):
         dataset_prepared_path: str | None = None,
         num_workers: int = 0,
         seed: int = 42,
-        tokenizer: PreTrainedTokenizerBase | None = None,
     ):
         super().__init__()
         self.sources = [dict(source) for source in datasets]
@@ -100,11 +99,15 @@ class AlpacaDataModule(pl.LightningDataModule):
         self.dataset_prepared_path = dataset_prepared_path
         self.num_workers = num_workers
         self.seed = seed
-        self.tokenizer = tokenizer
+        self.tokenizer: PreTrainedTokenizerBase | None = None
         self.rows: tuple[list[dict[str, str]], list[dict[str, str]]] | None = None
         self.splits: dict[str, PreparedSplit] | None = None
         self.prepared_from_cache = False
         self.cache_key: str | None = None
+
+    def connect(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Hand over the model's tokenizer: the one thing the data needs from the model side."""
+        self.tokenizer = tokenizer
 
     def load_rows(self) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
         """Load, check and split the rows (once); raises DataError on bad data."""
@@ -150,7 +153,7 @@ class AlpacaDataModule(pl.LightningDataModule):
         if self.splits is not None:
             return
         if self.tokenizer is None:
-            raise RuntimeError("AlpacaDataModule.tokenizer must be set before setup()")
+            raise RuntimeError("call AlpacaDataModule.connect(tokenizer) before setup()")
         train_rows, val_rows = self.load_rows()
 
         def prepare() -> dict[str, PreparedSplit]:
@@ -191,11 +194,14 @@ class AlpacaDataModule(pl.LightningDataModule):
         collate = packed_collate if self.sample_packing else pad_collate
         return collate(items, pad_token_id=self.tokenizer.pad_token_id, pad_to=pad_to)
 
-    def _loader(self, dataset: TokenizedExamples | PackedExamples, train: bool) -> DataLoader:
+    def _world(self) -> tuple[int, int]:
         trainer = self.trainer
-        world_size = trainer.world_size if trainer is not None else 1
-        rank = trainer.global_rank if trainer is not None else 0
-        sampler = StepBatchSampler(
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _sampler(
+        self, dataset: TokenizedExamples | PackedExamples, train: bool, world_size: int, rank: int
+    ) -> StepBatchSampler:
+        return StepBatchSampler(
             dataset.label_counts(),
             # Validation has no optimizer step: one global batch is one micro-batch per rank.
             self.batch_size if train else self.micro_batch_size * world_size,
@@ -206,6 +212,19 @@ class AlpacaDataModule(pl.LightningDataModule):
             rank=rank,
             drop_last=train and world_size > 1,
         )
+
+    def train_batches_per_epoch(self, world_size: int | None = None) -> int:
+        """Micro-batches one rank trains on in an epoch (after `setup`), without a loader."""
+        world = world_size if world_size is not None else self._world()[0]
+        return len(self._sampler(self.dataset("train"), True, world, 0))
+
+    def optimizer_steps_per_epoch(self, world_size: int | None = None) -> int:
+        """Optimizer steps in an epoch (after `setup`): what a schedule over epochs needs."""
+        world = world_size if world_size is not None else self._world()[0]
+        return self._sampler(self.dataset("train"), True, world, 0).steps()
+
+    def _loader(self, dataset: TokenizedExamples | PackedExamples, train: bool) -> DataLoader:
+        sampler = self._sampler(dataset, train, *self._world())
         loader = ResumableLoader if train else DataLoader
         return loader(
             dataset,

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from lorafit.constants import IGNORE_INDEX, ISOLATING_BACKENDS
+from lorafit.data.batching import stack_padded
 from lorafit.errors import PackingError
 
 # Attention implementations that isolate packed examples given restarted position ids and no
@@ -125,23 +126,8 @@ def packed_collate(
     no real token attends to; there is no attention mask, which is what makes transformers
     derive the block-diagonal mask from the position ids.
     """
-    width = pad_to or max(len(row["input_ids"]) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    real_tokens = 0
-    for r, row in enumerate(rows):
-        n = len(row["input_ids"])
-        input_ids[r, :n] = torch.tensor(row["input_ids"])
-        labels[r, :n] = torch.tensor(row["labels"])
-        position_ids[r, :n] = torch.tensor(row["position_ids"])
-        position_ids[r, n:] = torch.arange(width - n)
-        real_tokens += n
-    own = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "position_ids": position_ids,
-        "step_tokens": torch.tensor(rows[0]["step_tokens"] or own, dtype=torch.long),
-        "real_tokens": torch.tensor(real_tokens, dtype=torch.long),
-    }
+    batch, lengths = stack_padded(rows, pad_token_id, pad_to, extra=("position_ids",))
+    columns = torch.arange(batch["input_ids"].shape[1])
+    padding = columns >= lengths[:, None]
+    batch["position_ids"] = torch.where(padding, columns - lengths[:, None], batch["position_ids"])
+    return batch

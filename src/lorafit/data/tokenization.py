@@ -30,6 +30,10 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+# What happens to an example longer than sequence_len.
+OVERLONG_POLICIES = ("truncate", "drop")
+
+
 def tokenize_alpaca(
     rows: Sequence[dict[str, str]],
     tokenizer: PreTrainedTokenizerBase,
@@ -43,10 +47,9 @@ def tokenize_alpaca(
     the model sees at inference after the same prompt. Labels copy the ids except over the
     prompt (unless `train_on_inputs`), where they are IGNORE_INDEX. Examples longer than
     `sequence_len` are cut at the end (`overlong="truncate"`) or left out (`"drop"`); one whose
-    response is cut away entirely is dropped.
+    response is cut away entirely is dropped. (`overlong` is one of OVERLONG_POLICIES, which
+    the config checks hold it to.)
     """
-    if overlong not in ("truncate", "drop"):
-        raise ValueError(f"data.overlong={overlong!r}: use 'truncate' or 'drop'")
     prompts, responses = zip(*(format_alpaca(row) for row in rows), strict=True)
     prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     full_ids = tokenizer(

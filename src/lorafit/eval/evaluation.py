@@ -16,14 +16,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
 from lorafit.data.datamodule import AlpacaDataModule
 from lorafit.data.prompts import alpaca_prompt
 from lorafit.errors import EvaluationError
 from lorafit.eval import report, text_metrics
-from lorafit.model.module import CausalLMModule
+from lorafit.model.module import CausalLMModule, build_module
 from lorafit.runs import checkpoints
 from lorafit.runs.strategies import StayOnDevice
 
@@ -38,14 +38,11 @@ def load_trained(
     cfg = checkpoints.merge_run_config(cfg, checkpoint, list(overrides))
     datamodule = instantiate(cfg.data)
     datamodule.load_rows()
-    datamodule.tokenizer = instantiate(cfg.model.source).load_tokenizer()
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    module = CausalLMModule(plain["model"], plain["adapter"], optimizer={}, scheduler={})
+    datamodule.connect(instantiate(cfg.model.source).load_tokenizer())
     pl.seed_everything(cfg.seed)
     use_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
-    module.load_device = (
-        torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
-    )
+    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    module = build_module(cfg, load_device=device)
     module.configure_model()
     module.to(module.load_device)
     checkpoints.load_weights(module, checkpoint)

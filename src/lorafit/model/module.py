@@ -4,13 +4,13 @@ cross entropy, with adapter-only checkpoints."""
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MeanMetric
 
 from lorafit.constants import FINGERPRINT_KEY
@@ -33,6 +33,12 @@ class CausalLMModule(pl.LightningModule):
         optimizer: A partial optimizer config (`_partial_: true`), finished with the
             trainable parameters.
         scheduler: A partial schedule from lorafit.model.schedules.
+        fingerprint: What the run's checkpoints belong to (lorafit.runs.resume), saved in
+            each of them; None for a module that does not train.
+        load_device: Where `configure_model` puts quantized weights when no trainer is
+            attached (the eval tools); a trainer's own device wins.
+
+    Build it with `build_module`, as train and eval both do.
     """
 
     def __init__(
@@ -41,9 +47,12 @@ class CausalLMModule(pl.LightningModule):
         adapter: dict[str, Any],
         optimizer: dict[str, Any],
         scheduler: dict[str, Any],
+        fingerprint: dict[str, Any] | None = None,
+        load_device: str | torch.device = "cpu",
     ):
         super().__init__()
-        self.save_hyperparameters()
+        # The run's identity and the eval device are not hyperparameters of the model.
+        self.save_hyperparameters(ignore=["fingerprint", "load_device"])
         self.model: torch.nn.Module | None = None
         # Checkpoints hold only trainable weights; the frozen base is reloaded from its source.
         self.strict_loading = False
@@ -52,10 +61,8 @@ class CausalLMModule(pl.LightningModule):
         self.step_loss = 0.0
         self._step_tokens = 0
         self._step_started: float | None = None
-        # Where configure_model puts quantized weights when no trainer is attached (eval tools).
-        self.load_device = torch.device("cpu")
-        # What the run's checkpoints belong to (lorafit.runs.resume); set by train().
-        self.fingerprint: dict[str, Any] | None = None
+        self.load_device = torch.device(load_device)
+        self.fingerprint = fingerprint
         # What the packing preflight found, when the run packs.
         self.isolation: IsolationReport | None = None
 
@@ -179,8 +186,7 @@ class CausalLMModule(pl.LightningModule):
             return trainer.max_steps
         if trainer.max_epochs is None or trainer.max_epochs < 0:
             raise ConfigError("set trainer.max_steps or trainer.max_epochs: the run has no end")
-        micro_batches = len(trainer.datamodule.train_dataloader())
-        return math.ceil(micro_batches / trainer.accumulate_grad_batches) * trainer.max_epochs
+        return trainer.datamodule.optimizer_steps_per_epoch() * trainer.max_epochs
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Applied at the first resumed batch: whatever runs between loading and training
@@ -205,3 +211,29 @@ class CausalLMModule(pl.LightningModule):
         checkpoint["state_dict"] = {
             name: tensor for name, tensor in checkpoint["state_dict"].items() if name in trainable
         }
+
+
+# The LightningModule a config names in `model.module`, for run configs that predate the key.
+DEFAULT_MODULE = {"_target_": f"{__name__}.CausalLMModule"}
+
+
+def build_module(cfg: DictConfig, **runtime: Any) -> pl.LightningModule:
+    """The LightningModule of a composed config: the class `model.module` names, given the
+    model, adapter, optimizer and scheduler groups as plain values (checkpoints store them
+    and load with weights_only) and `runtime` arguments such as `fingerprint`."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    model = dict(plain["model"])
+    target = model.pop("module", None) or DEFAULT_MODULE
+    try:
+        module_class = get_class(target["_target_"])
+    except Exception as error:  # noqa: BLE001 - Hydra reports a bad path with several types
+        raise ConfigError.refused("model.module", error) from error
+    settings = {k: v for k, v in target.items() if k != "_target_"}
+    return module_class(
+        model=model,
+        adapter=plain["adapter"],
+        optimizer=plain.get("optimizer") or {},
+        scheduler=plain.get("scheduler") or {},
+        **settings,
+        **runtime,
+    )

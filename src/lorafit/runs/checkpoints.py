@@ -97,14 +97,77 @@ def _run_of(folder: Path) -> Path | None:
     return folder if (folder / "config.yaml").is_file() else None
 
 
-def resolve(ckpt: str | None) -> Checkpoint:
-    """Classify `ckpt` and check that its files can be read, before any model is built;
+# Where `last` looks for the newest run.
+RUNS = Path("outputs/runs")
+
+
+def locate(
+    value: str | Path | None, key: str, prefer: str = "adapter", runs: Path = RUNS
+) -> Checkpoint:
+    """The one reading of a checkpoint setting (`ckpt`, `resume_from_checkpoint`).
+
+    `value` is a Lightning .ckpt file, a peft adapter folder, a run folder, `last` (the newest
+    run under `runs`) or none. From a run folder, `prefer="adapter"` takes its adapter/ (then
+    checkpoints/last.ckpt); `prefer="lightning"` takes checkpoints/last.ckpt only, as resuming
+    needs the optimizer and data position an adapter folder does not hold. Only the paths are
+    checked here; `resolve` also reads the files.
+    """
+    if value is None or str(value).lower() == "none":
+        return Checkpoint("none")
+    if str(value) == "last":
+        found = [
+            located
+            for run in runs.glob("*/")
+            if _run_of(run) and (located := _in_run(run, prefer)) is not None
+        ]
+        if not found:
+            wanted = "checkpoints/last.ckpt" if prefer == "lightning" else "adapter or checkpoint"
+            raise CheckpointError(f"{key}=last: no run under {runs} has an {wanted}")
+        return max(found, key=lambda c: c.path.stat().st_mtime)
+    path = Path(str(value)).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{key}={value}: no such file or folder")
+    if path.is_file():
+        if path.suffix != ".ckpt":
+            raise CheckpointError(f"{key}={value}: expected a .ckpt file, an adapter or run folder")
+        return Checkpoint("lightning", path, _run_of(path.parent.parent))
+    if (path / "adapter_config.json").is_file():
+        if prefer == "lightning":
+            raise CheckpointError(
+                f"{key}={value} is an adapter folder, which holds no optimizer or data position: "
+                "resume from its run folder or a .ckpt, or start from its weights with "
+                f"adapter.lora_model_dir={value}"
+            )
+        return Checkpoint("adapter", path, _run_of(path.parent))
+    if _run_of(path):
+        located = _in_run(path, prefer)
+        if located is None:
+            wanted = (
+                "checkpoints/last.ckpt" if prefer == "lightning" else "adapter/ nor checkpoints/"
+            )
+            raise CheckpointError(f"{key}={value}: the run folder has no {wanted}")
+        return located
+    raise CheckpointError(
+        f"{key}={value}: not a run folder (config.yaml), an adapter folder "
+        "(adapter_config.json) or a Lightning .ckpt file"
+    )
+
+
+def _in_run(run: Path, prefer: str) -> Checkpoint | None:
+    if prefer == "adapter" and (run / "adapter" / "adapter_config.json").is_file():
+        return Checkpoint("adapter", run / "adapter", run)
+    last = run / "checkpoints" / "last.ckpt"
+    return Checkpoint("lightning", last, run) if last.is_file() else None
+
+
+def resolve(ckpt: str | None, key: str = "ckpt", prefer: str = "adapter") -> Checkpoint:
+    """Locate `ckpt` and check that its files can be read, before any model is built;
     raises CheckpointError naming the file and what is wrong with it."""
-    checkpoint = _classify(ckpt)
+    checkpoint = locate(ckpt, key, prefer)
     if checkpoint.kind == "lightning":
-        read_checkpoint(checkpoint.path, "ckpt")
+        read_checkpoint(checkpoint.path, key)
     elif checkpoint.kind == "adapter":
-        check_adapter_folder(checkpoint.path, "ckpt")
+        check_adapter_folder(checkpoint.path, key)
     if checkpoint.run_dir is not None:
         config_file = checkpoint.run_dir / "config.yaml"
         try:
@@ -116,31 +179,6 @@ def resolve(ckpt: str | None) -> Checkpoint:
         if not isinstance(loaded, DictConfig) or "model" not in loaded:
             raise CheckpointError(f"{config_file}: not a lorafit run config (no model section)")
     return checkpoint
-
-
-def _classify(ckpt: str | None) -> Checkpoint:
-    if ckpt is None or str(ckpt).lower() == "none":
-        return Checkpoint("none")
-    path = Path(str(ckpt)).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"ckpt={ckpt}: no such file or folder")
-    if path.is_file():
-        if path.suffix != ".ckpt":
-            raise CheckpointError(f"ckpt={ckpt}: expected a .ckpt file, an adapter or run folder")
-        return Checkpoint("lightning", path, _run_of(path.parent.parent))
-    if (path / "adapter_config.json").is_file():
-        return Checkpoint("adapter", path, _run_of(path.parent))
-    if _run_of(path):
-        if (path / "adapter" / "adapter_config.json").is_file():
-            return Checkpoint("adapter", path / "adapter", path)
-        last = path / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            return Checkpoint("lightning", last, path)
-        raise CheckpointError(f"ckpt={ckpt}: the run folder has neither adapter/ nor checkpoints/")
-    raise CheckpointError(
-        f"ckpt={ckpt}: not a run folder (config.yaml), an adapter folder "
-        "(adapter_config.json) or a Lightning .ckpt file"
-    )
 
 
 def overridden_keys(overrides: list[str]) -> set[str]:

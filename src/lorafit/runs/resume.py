@@ -17,27 +17,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from lorafit.constants import FINGERPRINT_KEY
 from lorafit.errors import ConfigError
-from lorafit.runs.checkpoints import read_checkpoint
+from lorafit.runs.checkpoints import RUNS, locate, read_checkpoint
 
 ADAPTER_SHAPE = ("_target_", "r", "alpha", "target_linear", "target_modules", "quantization")
 DATA_SHAPE = ("sequence_len", "sample_packing", "train_on_inputs", "val_set_size", "seed")
 
 
-def checkpoint_path(value: str | None, runs: Path = Path("outputs/runs")) -> Path | None:
-    """`resume_from_checkpoint`: a .ckpt file, a run folder, or `last` (the newest run's)."""
-    if value is None:
-        return None
-    if str(value) == "last":
-        found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise ConfigError(f"resume_from_checkpoint=last: no {runs}/*/checkpoints/last.ckpt")
-        return found[-1]
-    path = Path(value).expanduser()
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise ConfigError(f"resume_from_checkpoint={value}: {path} does not exist")
-    return path
+def checkpoint_path(value: str | None, runs: Path = RUNS) -> Path | None:
+    """`resume_from_checkpoint`: a .ckpt file, a run folder (its checkpoints/last.ckpt), or
+    `last` (the newest run's); None when not resuming."""
+    return locate(value, "resume_from_checkpoint", prefer="lightning", runs=runs).path
 
 
 def fingerprint(cfg: DictConfig, rows: Any) -> dict[str, Any]:
