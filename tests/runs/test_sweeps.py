@@ -87,9 +87,35 @@ def test_offline_wandb_records_metrics_gradients_config_and_the_adapter(tmp_path
     ]
     train(compose_config(overrides, tmp_path))
     (record,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
-    content = record.read_bytes()
+    content = b"".join(_wandb_records(record.read_bytes()))
     for expected in (b"train/loss", b"val/loss", b"gradients/", b"git_commit", b"adapter-"):
         assert expected in content, expected
+
+
+def _wandb_records(data: bytes) -> list[bytes]:
+    """The records of a .wandb file, whole. The file is a LevelDB-style log: a 7-byte file
+    header, then 32 KiB blocks in which a record longer than the space left is cut into
+    fragments, each behind a 7-byte header (crc32, length, type). Searching the raw bytes
+    fails whenever a string straddles a block boundary, which depends on how much was logged
+    before it."""
+    block, header = 32768, 7
+    assert data[:4] == b":W&B", "not a wandb record file"
+    records, current, position = [], b"", header
+    while position + header <= len(data):
+        if block - position % block < header:  # too little room for a header: block padding
+            position += block - position % block
+            continue
+        length = int.from_bytes(data[position + 4 : position + 6], "little")
+        kind = data[position + 6]
+        payload = data[position + header : position + header + length]
+        position += header + length
+        if kind == 0 and length == 0:
+            break  # zeros: the unwritten end
+        current += payload
+        if kind in (1, 4):  # FULL or LAST: the record is complete
+            records.append(current)
+            current = b""
+    return records
 
 
 def test_the_resolved_config_and_commit_are_logged_as_hyperparameters(tmp_path):

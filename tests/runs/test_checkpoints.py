@@ -1,0 +1,67 @@
+"""One reading of a checkpoint setting for eval (`ckpt`) and resume (`resume_from_checkpoint`):
+which file a run folder, an adapter folder, a .ckpt or `last` stands for."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lorafit.errors import CheckpointError
+from lorafit.runs.checkpoints import locate
+from lorafit.runs.resume import checkpoint_path
+
+
+def _run(folder: Path, adapter: bool, last: bool, age: int) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("model: {}\n")
+    made = []
+    if adapter:
+        (folder / "adapter").mkdir()
+        made.append(folder / "adapter" / "adapter_config.json")
+    if last:
+        (folder / "checkpoints").mkdir()
+        made.append(folder / "checkpoints" / "last.ckpt")
+    for path in made:
+        path.write_text("{}")
+        os.utime(path, (1_000_000 + age, 1_000_000 + age))
+    return folder
+
+
+@pytest.fixture
+def runs(tmp_path) -> Path:
+    _run(tmp_path / "old", adapter=True, last=True, age=1)
+    _run(tmp_path / "adapter_only", adapter=True, last=False, age=3)
+    _run(tmp_path / "newest_ckpt", adapter=False, last=True, age=2)
+    (tmp_path / "an_eval").mkdir()  # a folder without a run's config is no run
+    return tmp_path
+
+
+def test_a_run_folder_means_its_adapter_for_eval_and_its_last_ckpt_for_resume(runs):
+    evaluated = locate(runs / "old", "ckpt")
+    assert (evaluated.kind, evaluated.path, evaluated.run_dir) == (
+        "adapter",
+        runs / "old" / "adapter",
+        runs / "old",
+    )
+    resumed = locate(runs / "old", "resume_from_checkpoint", prefer="lightning")
+    assert (resumed.kind, resumed.path) == ("lightning", runs / "old" / "checkpoints" / "last.ckpt")
+    assert checkpoint_path(str(runs / "old")) == resumed.path
+
+
+def test_last_is_the_newest_run_that_has_what_is_asked_for(runs):
+    assert locate("last", "ckpt", runs=runs).path == runs / "adapter_only" / "adapter"
+    assert checkpoint_path("last", runs=runs) == runs / "newest_ckpt" / "checkpoints" / "last.ckpt"
+    assert checkpoint_path(None) is None and locate("none", "ckpt").kind == "none"
+
+
+def test_what_cannot_be_resumed_is_named(runs, tmp_path):
+    with pytest.raises(CheckpointError, match="adapter_only: the run folder has no checkpoints"):
+        checkpoint_path(str(runs / "adapter_only"))
+    with pytest.raises(CheckpointError, match="is an adapter folder.*adapter.lora_model_dir="):
+        checkpoint_path(str(runs / "old" / "adapter"))
+    with pytest.raises(CheckpointError, match="resume_from_checkpoint=last: no run under"):
+        checkpoint_path("last", runs=tmp_path / "nothing")
+    with pytest.raises(CheckpointError, match="ckpt=.*an_eval: not a run folder"):
+        locate(runs / "an_eval", "ckpt")
