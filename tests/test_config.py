@@ -6,11 +6,13 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from helpers import CONF_DIR, compose_config
-from lorafit.config_checks import check_config
+from lorafit.config_checks import check_config, devices_count
 from lorafit.errors import ConfigError
 from lorafit.model.adapters import FullFineTune, LoraAdapter
+from lorafit.model.module import CausalLMModule, build_module
 
 # conf/_base holds what the options of a group share; it is not a group to choose from.
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_"))
@@ -108,3 +110,48 @@ def test_a_missing_mandatory_value_names_its_key(tmp_path):
 def test_accumulation_is_batch_over_micro_batch(tmp_path):
     cfg = compose_config(["data.batch_size=16", "data.micro_batch_size=4"], tmp_path)
     assert check_config(cfg) == 4
+
+
+@pytest.mark.parametrize(
+    ("devices", "accelerator", "gpus", "expected"),
+    [
+        (2, "cpu", 0, 2),
+        ("auto", "cpu", 4, 1),
+        ("auto", "auto", 0, 1),
+        ("auto", "auto", 4, 4),
+        (-1, "gpu", 2, 2),
+        ("0,1", "gpu", 2, 2),
+        ("3", "gpu", 4, 3),
+        ([0, 2], "gpu", 4, 2),
+    ],
+)
+def test_the_device_count_is_what_lightning_would_take(
+    devices, accelerator, gpus, expected, monkeypatch
+):
+    # `auto` on a machine with GPUs is several processes: accumulation must divide by them all.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    trainer = OmegaConf.create({"devices": devices, "accelerator": accelerator})
+    assert devices_count(trainer) == expected
+
+
+def test_a_batch_that_does_not_split_over_auto_devices_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    overrides = ["data.batch_size=4", "data.micro_batch_size=4", "trainer.devices=auto"]
+    with pytest.raises(ConfigError, match=r"batch_size=4 is not a multiple.* x 2 devices"):
+        check_config(compose_config([*overrides, "trainer.accelerator=auto"], tmp_path))
+
+
+def test_the_lightning_module_is_the_class_model_module_names(tmp_path):
+    cfg = compose_config(["experiment=tiny"], tmp_path)
+    module = build_module(cfg, fingerprint={"model": "x"})
+    assert type(module) is CausalLMModule and module.fingerprint == {"model": "x"}
+    assert "module" not in module.hparams.model  # the class is not a setting of the model
+    assert set(module.hparams) == {"model", "adapter", "optimizer", "scheduler"}
+    OmegaConf.set_struct(cfg, False)
+    cfg.model.module._target_ = "tests.helpers.NoSuchModule"
+    with pytest.raises(ConfigError, match="model.module"):
+        build_module(cfg)
+    del cfg.model.module  # a run config written before the key existed
+    assert type(build_module(cfg)) is CausalLMModule

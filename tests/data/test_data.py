@@ -179,3 +179,35 @@ def test_label_counts_match_per_example_counting():
     ]
     flat = TokenizedExamples.from_lists(examples)
     assert flat.label_counts() == [label_tokens(e["labels"]) for e in examples] == [2, 1, 0]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize(("batch", "micro"), [(8, 4), (6, 2), (4, 4)])
+def test_the_datamodule_counts_the_steps_its_loader_gives(packing, batch, micro):
+    from lorafit.data.datamodule import AlpacaDataModule
+    from lorafit.model.sources import mistral_tokenizer
+
+    datamodule = AlpacaDataModule(
+        datasets=[{"path": "builtin:demo_alpaca", "type": "alpaca"}],
+        sequence_len=256,
+        val_set_size=0.1,
+        train_on_inputs=False,
+        batch_size=batch,
+        micro_batch_size=micro,
+        sample_packing=packing,
+    )
+    datamodule.connect(mistral_tokenizer())
+    datamodule.setup("fit")
+    micro_batches = list(datamodule.train_dataloader())
+    assert datamodule.train_batches_per_epoch() == len(micro_batches)
+    # A step is batch / micro micro-batches; the last step of an epoch may have fewer.
+    steps = -(-len(micro_batches) // (batch // micro))
+    assert datamodule.optimizer_steps_per_epoch() == steps
+    # Two ranks share each global batch: half the micro-batches each, the same steps.
+    if batch % (2 * micro) == 0:
+        assert datamodule.optimizer_steps_per_epoch(world_size=2) == steps - (
+            len(datamodule.dataset("train")) % batch != 0
+        )
+        assert datamodule.train_batches_per_epoch(world_size=2) == (
+            datamodule.optimizer_steps_per_epoch(world_size=2) * batch // (2 * micro)
+        )

@@ -89,6 +89,7 @@ def test_resume_force_continues_despite_a_difference(tmp_path):
     assert len(logged(tmp_path / "second", "train/loss")) == 2
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_best_validation_loss_of_the_run_it_resumed(tmp_path):
     source = [*TINY, "trainer.max_steps=4", "trainer.val_check_interval=2"]
     train(compose_config(source, tmp_path / "source"))

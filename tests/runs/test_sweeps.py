@@ -125,6 +125,7 @@ def test_the_resolved_config_and_commit_are_logged_as_hyperparameters(tmp_path):
     assert "git_commit" in hparams
 
 
+@pytest.mark.slow
 def test_wandb_without_key_or_login_logs_offline(tmp_path, monkeypatch):
     for name in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(name, raising=False)
