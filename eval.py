@@ -14,18 +14,25 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from lorafit.console import lightning_logs_once, quiet_libraries
 from lorafit.errors import exit_on_user_errors
-from lorafit.eval.evaluation import evaluate
-from lorafit.strict_config import exit_on_config_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 @exit_on_user_errors
 def main(cfg: DictConfig) -> float | None:
+    # The libraries load here, after the console is set up: --help needs none of them.
+    from lorafit.eval.evaluation import evaluate
+
+    lightning_logs_once()
+
     metrics = evaluate(cfg, HydraConfig.get().overrides.task)
     return metrics.get("val/loss")
 
 
 if __name__ == "__main__":
+    quiet_libraries()  # before the libraries load: some speak while being imported
+    from lorafit.strict_config import exit_on_config_errors
+
     exit_on_config_errors(Path(__file__).parent / "conf", config_name="eval")
     main()

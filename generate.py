@@ -11,10 +11,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lorafit.data.prompts import alpaca_prompt
+from lorafit.console import lightning_logs_once, quiet_libraries
 from lorafit.errors import ConfigError, exit_on_user_errors
-from lorafit.eval.evaluation import generate, load_trained
-from lorafit.strict_config import exit_on_config_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
@@ -22,6 +20,12 @@ from lorafit.strict_config import exit_on_config_errors
 def main(cfg: DictConfig) -> None:
     if cfg.prompt is None:
         raise ConfigError('give the instruction as prompt="..." (and optionally input="...")')
+    # The libraries load here, after the console is set up: --help needs none of them.
+    from lorafit.data.prompts import alpaca_prompt
+    from lorafit.eval.evaluation import generate, load_trained
+
+    lightning_logs_once()
+
     cfg, module, datamodule, _ = load_trained(cfg, HydraConfig.get().overrides.task)
     prompt = alpaca_prompt(str(cfg.prompt), str(cfg.get("input") or ""))
     (answer,) = generate(
@@ -36,5 +40,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    quiet_libraries()  # before the libraries load: some speak while being imported
+    from lorafit.strict_config import exit_on_config_errors
+
     exit_on_config_errors(Path(__file__).parent / "conf", config_name="eval")
     main()

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from peft import PeftModel
 
 from helpers import TINY, compose_config, logged
+from lorafit.runs.metrics_log import read_metrics
 from lorafit.training import build_run, train
 
 # Per-step train/loss of GOLDEN_RUN; fp32, seed 42, torch 2.13 CPU, transformers 5.24, peft 0.21.2,
@@ -67,6 +68,21 @@ def test_switching_the_progress_bar_off_keeps_the_rest(tmp_path):
     run.trainer.fit(run.module, datamodule=run.datamodule)
     assert run.trainer.progress_bar_callback is None and run.trainer.global_step == 1
     assert run.trainer.checkpoint_callback is not None  # the other callbacks are kept
+
+
+def test_every_step_reaches_the_logs_numbered_as_the_checkpoints(tmp_path):
+    # Fewer steps than log_every_n_steps: before, the CSV had no train row at all.
+    overrides = [*TINY, "trainer.log_every_n_steps=50", "callbacks.model_checkpoint.save_top_k=-1"]
+    overrides += ["callbacks.model_checkpoint.every_n_train_steps=2"]
+    train(compose_config(overrides, tmp_path))
+    series = read_metrics(tmp_path / "csv" / "metrics.csv")
+    for key in ("train/loss", "train/lr", "train/tokens_per_s"):
+        assert [step for step, _ in series[key]] == [1, 2, 3, 4], key
+    # Validation after 2 and after 4 steps (tiny validates every 2 steps), and the checkpoints
+    # written after those steps carry the same numbers.
+    assert [step for step, _ in series["val/loss"]] == [2, 4]
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step*.ckpt"))
+    assert names == ["step000002.ckpt", "step000004.ckpt"], names
 
 
 def test_validation_metrics_are_logged(tmp_path):

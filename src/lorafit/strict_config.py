@@ -19,7 +19,6 @@ from hydra.errors import HydraException
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-from lorafit.config_checks import check_values
 from lorafit.errors import ConfigError
 
 # The article's (Axolotl-style) names, and where they live here.
@@ -166,6 +165,9 @@ def config_error(
             message = _added_key_error(added, composed, groups, valid)
             if message:
                 return message
+    # Imported here, as it loads torch: `--help` and the other Hydra modes never get this far.
+    from lorafit.config_checks import check_values
+
     try:
         check_values(composed)  # values alone, before Hydra creates a run folder
     except ConfigError as error:

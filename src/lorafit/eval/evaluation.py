@@ -97,8 +97,10 @@ def validation_metrics(cfg: DictConfig, module: CausalLMModule, datamodule: Any)
         devices=1,  # a run trained with DDP is evaluated on one device
         strategy=StayOnDevice(device),
     )
-    (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
-    return {k: float(v) for k, v in metrics.items()}
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    # The module logs its validation metrics itself (at its own step numbering), so they are
+    # read from the callback metrics rather than validate()'s logger-bound return value.
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
 
 def _labels(cfg: DictConfig, references: Sequence[str]) -> list[str] | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lorafit.errors import EvaluationError, exit_on_user_errors
-from lorafit.eval.report import figure
+from lorafit.eval.report import figure, step_axis
 from lorafit.runs.metrics_log import read_metrics
 
 METRICS = ("val/loss", "val/ppl", "train/loss", "train/tokens_per_s")
@@ -98,7 +98,7 @@ def _plot(trials: list[dict], out: Path) -> None:
             if points:
                 steps, values = zip(*points, strict=True)
                 ax.plot(steps, values, marker="o", label=f"{trial['trial']}: {trial['varying']}")
-        ax.set_xlabel("step")
+        step_axis(ax)
         ax.set_ylabel("val/loss")
         ax.set_title("Validation loss by trial")
         ax.grid(True, alpha=0.3)

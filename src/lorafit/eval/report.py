@@ -18,10 +18,17 @@ import matplotlib
 matplotlib.use("Agg")  # must precede the pyplot import; no display is needed or wanted
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from lorafit.runs.metrics_log import read_metrics
 
 _CELL_LIMIT = 300  # longest sample cell, in characters, before it is shortened with an ellipsis
+
+
+def step_axis(ax: Any) -> None:
+    """An x axis of optimizer steps: whole numbers only, as logs and checkpoints count them."""
+    ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 @contextmanager
@@ -67,7 +74,7 @@ def plot_loss_curves(metrics_csv: Path, out_png: Path) -> Path | None:
             ax.plot(train_steps, train_loss, label="train/loss", linewidth=1.2)
         if val_loss:
             ax.plot(val_steps, val_loss, marker="o", linestyle="-", label="val/loss")
-        ax.set_xlabel("step")
+        step_axis(ax)
         ax.set_ylabel("loss")
         ax.set_title("Training and validation loss")
         ax.grid(True, alpha=0.3)

@@ -36,6 +36,8 @@ def _enable_gradient_checkpointing(model: PreTrainedModel, quantized: bool) -> N
         prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=kwargs
         )
+    elif hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False

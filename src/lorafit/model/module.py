@@ -142,16 +142,26 @@ class CausalLMModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         elapsed = time.perf_counter() - self._step_started
-        self.log("train/loss", self.step_loss, reduce_fx="sum", sync_dist=True, prog_bar=True)
-        self.log(
-            "train/tokens_per_s",
-            self._step_tokens / elapsed,
-            reduce_fx="sum",
-            sync_dist=True,
-            prog_bar=True,
-        )
-        # Here rather than LearningRateMonitor, which logs once per micro-batch when accumulating.
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        # Summed over ranks: the step's loss is already each rank's share of the global mean.
+        loss, tokens_per_s = self.trainer.strategy.reduce(
+            torch.tensor([self.step_loss, self._step_tokens / elapsed], device=self.device),
+            reduce_op="sum",
+        ).tolist()
+        values = {
+            "train/loss": loss,
+            "train/tokens_per_s": tokens_per_s,
+            # Here rather than LearningRateMonitor, which logs once per micro-batch when
+            # accumulating.
+            "train/lr": optimizer.param_groups[0]["lr"],
+        }
+        # Every optimizer step reaches every logger, whatever trainer.log_every_n_steps (which
+        # would keep a short run's CSV empty), numbered as checkpoints are: step N is the state
+        # after N optimizer steps, as validation after it is also logged at N.
+        for logger in self.loggers:
+            logger.log_metrics({**values, "epoch": self.current_epoch}, step=self.global_step + 1)
+        # For the progress bar and the callbacks (LossWatchdog, final metrics): not logged again.
+        self.log("train/lr", values.pop("train/lr"), logger=False)
+        self.log_dict(values, logger=False, prog_bar=True)
         self.step_loss, self._step_tokens, self._step_started = 0.0, 0, None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -160,9 +170,16 @@ class CausalLMModule(pl.LightningModule):
             self.val_loss.update(loss_sum / count, weight=count)
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
+        loss = self.val_loss.compute()  # synced over ranks by torchmetrics
         self.val_loss.reset()
-        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss)}, prog_bar=True)
+        values = {"val/loss": loss, "val/ppl": torch.exp(loss)}
+        # Logged at the number of optimizer steps taken (0 before training), like the train
+        # rows and the checkpoints; Lightning's own step would be one behind mid-epoch.
+        if not self.trainer.sanity_checking:
+            row = {name: float(value) for name, value in values.items()}
+            for logger in self.loggers:
+                logger.log_metrics({**row, "epoch": self.current_epoch}, step=self.global_step)
+        self.log_dict(values, prog_bar=True, logger=False)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
