@@ -14,6 +14,7 @@ from peft import PeftModel
 
 from helpers import TINY, compose_config, logged
 from lorafit.runs.metrics_log import read_metrics
+from lorafit.runs.progress import StepProgressBar
 from lorafit.training import build_run, train
 
 # Per-step train/loss of GOLDEN_RUN; fp32, seed 42, torch 2.13 CPU, transformers 5.24, peft 0.21.2,
@@ -83,6 +84,27 @@ def test_every_step_reaches_the_logs_numbered_as_the_checkpoints(tmp_path):
     assert [step for step, _ in series["val/loss"]] == [2, 4]
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step*.ckpt"))
     assert names == ["step000002.ckpt", "step000004.ckpt"], names
+
+
+@pytest.mark.parametrize(
+    ("overrides", "total", "description"),
+    [
+        # 2 micro-batches a step: Lightning's own bar showed 8 of the epoch's 54 micro-batches.
+        (["trainer.max_steps=4"], 4, "train"),
+        (["trainer.max_steps=-1", "trainer.max_epochs=2", "data.val_set_size=0.8"], 12, "epoch 2/2"),
+    ],
+)
+def test_the_bar_counts_the_runs_optimizer_steps(tmp_path, overrides, total, description):
+    bar = [*overrides, "trainer.enable_progress_bar=true", "trainer.limit_val_batches=1"]
+    run = build_run(compose_config(TINY + bar, tmp_path))
+    (progress,) = [c for c in run.trainer.callbacks if isinstance(c, StepProgressBar)]
+    seen = []
+    progress._stop_progress = lambda: seen.append(progress.progress.tasks[0])  # before teardown
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    task = seen[-1]
+    assert (task.total, task.completed) == (total, total) == (total, run.trainer.global_step)
+    assert description in task.description
+    assert set(progress.get_metrics(run.trainer, run.module)) <= {"loss", "tokens/s", "val_loss"}
 
 
 def test_validation_metrics_are_logged(tmp_path):
