@@ -32,7 +32,10 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     quiet_libraries()  # before the libraries load: some speak while being imported
+    from lorafit.runs.locate import register_resolvers
     from lorafit.strict_config import exit_on_config_errors
+
+    register_resolvers()  # the output folder follows ckpt (conf/eval.yaml)
 
     exit_on_config_errors(Path(__file__).parent / "conf", config_name="eval")
     main()

@@ -91,7 +91,11 @@ def test_every_step_reaches_the_logs_numbered_as_the_checkpoints(tmp_path):
     [
         # 2 micro-batches a step: Lightning's own bar showed 8 of the epoch's 54 micro-batches.
         (["trainer.max_steps=4"], 4, "train"),
-        (["trainer.max_steps=-1", "trainer.max_epochs=2", "data.val_set_size=0.8"], 12, "epoch 2/2"),
+        (
+            ["trainer.max_steps=-1", "trainer.max_epochs=2", "data.val_set_size=0.8"],
+            12,
+            "epoch 2/2",
+        ),
     ],
 )
 def test_the_bar_counts_the_runs_optimizer_steps(tmp_path, overrides, total, description):

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -70,6 +72,24 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
+def _discard_unused_run_folder() -> None:
+    """A command stopped by bad input leaves no folder behind. Hydra made the job's folder
+    before the job started; while it holds nothing but Hydra's own files (.hydra/ and the job's
+    log), it goes, and so does the folder above it if that is left empty (`<run>/eval/`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        folder = Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return  # not under Hydra: called as a library, nothing was made
+    if not folder.is_dir():
+        return
+    if all(p.name == ".hydra" or p.suffix == ".log" for p in folder.iterdir()):
+        shutil.rmtree(folder)
+        if folder.parent.is_dir() and not any(folder.parent.iterdir()):
+            folder.parent.rmdir()
+
+
 def exit_on_user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
     """Run an entry point's body; a LorafitError is the user's to fix, so it is logged as one
     line and the process exits with status 2. Anything else is a bug and keeps its traceback."""
@@ -80,6 +100,7 @@ def exit_on_user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
             return function(*args, **kwargs)
         except LorafitError as error:
             logging.getLogger("lorafit").error("%s", error)
+            _discard_unused_run_folder()
             sys.exit(2)
 
     return wrapper

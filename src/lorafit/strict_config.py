@@ -19,7 +19,8 @@ from hydra.errors import HydraException
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-from lorafit.errors import ConfigError
+from lorafit.errors import LorafitError
+from lorafit.runs.locate import locate
 
 # The article's (Axolotl-style) names, and where they live here.
 ALIASES = {
@@ -170,7 +171,9 @@ def config_error(
 
     try:
         check_values(composed)  # values alone, before Hydra creates a run folder
-    except ConfigError as error:
+        if "ckpt" in composed:
+            locate(composed.ckpt, "ckpt")  # the tools' output folder is inside the run it names
+    except LorafitError as error:
         return str(error)
     return None
 

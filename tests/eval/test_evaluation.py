@@ -4,6 +4,7 @@ writes its report, compares with a base-model run, and the merged export keeps t
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,7 +109,7 @@ def test_merged_export_reloads_with_the_adapter_logits(tmp_path, adapter, tolera
     overrides = [f"ckpt={run}", "export.dtype=float32"]
     fidelity = export(compose_config(overrides, tmp_path / "export"), overrides)
     assert fidelity["kl_mean"] < tolerance / 10 and fidelity["loss_delta"] < tolerance
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged")
     assert not any("lora" in name for name, _ in merged.named_parameters())
     cfg, module, datamodule, _ = load_trained(compose_config([f"ckpt={run}"]), [f"ckpt={run}"])
     ids = torch.tensor([[1, 415, 5565, 349, 264, 1369]])
@@ -123,7 +124,7 @@ def test_qlora_bf16_export_passes_its_fidelity_check_and_a_strict_one_fails(tmp_
     cfg_overrides = [f"ckpt={run}"]
     fidelity = export(compose_config(cfg_overrides, tmp_path / "bf16"), cfg_overrides)
     assert fidelity["kl_mean"] < 0.01
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged")
     assert merged.dtype == torch.bfloat16
     strict = [f"ckpt={run}", "export.max_kl=1e-12"]
     with pytest.raises(ExportError, match="drifts from the adapter model"):
@@ -138,14 +139,39 @@ def test_qlora_eval_reproduces_its_training_validation_loss(tmp_path):
     assert metrics["val/loss"] == pytest.approx(logged(run, "val/loss")[-1], abs=1e-4)
 
 
-def _cli(script: str, *args: str, cwd: Path) -> int:
+def _cli(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     root = Path(__file__).resolve().parents[2]
-    command = [sys.executable, str(root / script), *args, f"hydra.run.dir={cwd}"]
-    return subprocess.run(command, cwd=root, capture_output=True, timeout=300).returncode
+    command = [sys.executable, str(root / script), *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
-def test_command_lines_answer_and_fail_cleanly(tmp_path):
-    assert _cli("eval.py", f"ckpt={tmp_path / 'nope'}", cwd=tmp_path / "a") == 2
-    prompt = ["ckpt=none", "experiment=tiny", "prompt=Name a colour.", "eval.max_new_tokens=3"]
-    assert _cli("generate.py", *prompt, cwd=tmp_path / "b") == 0
+def test_the_tools_write_inside_the_run_they_read_and_bad_input_leaves_no_folder(tmp_path):
+    run = tmp_path / "run"
+    train(compose_config([*TINY, "trainer.max_steps=2"], run))
+    quick = ["eval.max_samples=2", "eval.max_new_tokens=3"]
+    result = _cli("eval.py", f"ckpt={run}", *quick, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (evaluation,) = (run / "eval").iterdir()
+    assert (evaluation / "metrics.json").is_file() and (evaluation / "report.md").is_file()
+    result = _cli("export.py", f"ckpt={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (run / "merged" / "config.json").is_file()
+    assert not (tmp_path / "outputs").exists()  # nothing in the working folder
+    # generate.py: the answer alone on stdout, the logs on stderr.
+    result = _cli("generate.py", f"ckpt={run}", "prompt=Name a colour.", *quick, cwd=tmp_path)
+    assert result.returncode == 0 and "[INFO]" not in result.stdout and "[INFO]" in result.stderr
+    # Bad input: refused before Hydra makes a folder, or after, and the folder removed again.
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken, ignore=shutil.ignore_patterns("eval", "generate", "export"))
+    (broken / "adapter" / "adapter_model.safetensors").write_bytes(b"not weights")
+    assert _cli("eval.py", f"ckpt={tmp_path / 'nope'}", cwd=tmp_path).returncode == 2
+    result = _cli("eval.py", f"ckpt={broken}", cwd=tmp_path)
+    assert result.returncode == 2 and "not a readable safetensors file" in result.stderr
+    assert not (broken / "eval").exists() and not (tmp_path / "outputs").exists()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"instruction": "a"}\n')
+    bad_data = ["experiment=tiny", "data=local", f"data.datasets.0.path={rows}"]
+    result = _cli("train.py", *bad_data, f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path)
+    assert result.returncode == 2 and "no row has the field 'output'" in result.stderr
+    assert not (tmp_path / "bad").exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lorafit.errors import CheckpointError
-from lorafit.runs.checkpoints import locate
+from lorafit.runs.locate import locate
 from lorafit.runs.resume import checkpoint_path
 
 

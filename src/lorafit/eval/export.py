@@ -109,7 +109,8 @@ def export(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, float]:
     if checkpoint.kind == "none":
         raise ExportError("ckpt=none has no adapter to merge; name a run, adapter or .ckpt")
     dtype = getattr(torch, cfg.export.dtype)
-    out = Path(cfg.export.output_dir or Path(cfg.output_dir) / "merged")
+    beside = checkpoint.run_dir or Path(cfg.output_dir)
+    out = Path(cfg.export.output_dir or beside / "merged")
     merged_model(module, dtype).save_pretrained(out)
     datamodule.tokenizer.save_pretrained(out)
     device = module.load_device

@@ -8,7 +8,6 @@ Lightning `.ckpt` file, or `none` for the bare base model. Weights load with
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,31 +17,11 @@ from peft.utils import load_peft_weights
 from safetensors import safe_open
 
 from lorafit.errors import CheckpointError, describe
+from lorafit.runs.locate import Checkpoint, locate
 
 # What a run folder's own config supplies to eval unless the command line overrides: the
 # trainer too, so validation runs at the precision training used.
 RUN_KEYS = ("model", "adapter", "data", "trainer", "seed")
-
-
-@dataclass
-class Checkpoint:
-    """A resolved `ckpt=` value.
-
-    Attributes:
-        kind: "none" (base model), "lightning" (a .ckpt file) or "adapter" (a peft folder).
-        path: The file or folder holding the weights; None for "none".
-        run_dir: The training run the weights came from, when known.
-    """
-
-    kind: str
-    path: Path | None = None
-    run_dir: Path | None = None
-
-    @property
-    def run_config(self) -> DictConfig | None:
-        if self.run_dir is None:
-            return None
-        return OmegaConf.load(self.run_dir / "config.yaml")
 
 
 def read_checkpoint(path: Path, key: str) -> dict:
@@ -91,73 +70,6 @@ def check_adapter_folder(folder: Path, key: str) -> None:
         ) from error
     if not names:
         raise CheckpointError(f"{weights}: holds no weights")
-
-
-def _run_of(folder: Path) -> Path | None:
-    return folder if (folder / "config.yaml").is_file() else None
-
-
-# Where `last` looks for the newest run.
-RUNS = Path("outputs/runs")
-
-
-def locate(
-    value: str | Path | None, key: str, prefer: str = "adapter", runs: Path = RUNS
-) -> Checkpoint:
-    """The one reading of a checkpoint setting (`ckpt`, `resume_from_checkpoint`).
-
-    `value` is a Lightning .ckpt file, a peft adapter folder, a run folder, `last` (the newest
-    run under `runs`) or none. From a run folder, `prefer="adapter"` takes its adapter/ (then
-    checkpoints/last.ckpt); `prefer="lightning"` takes checkpoints/last.ckpt only, as resuming
-    needs the optimizer and data position an adapter folder does not hold. Only the paths are
-    checked here; `resolve` also reads the files.
-    """
-    if value is None or str(value).lower() == "none":
-        return Checkpoint("none")
-    if str(value) == "last":
-        found = [
-            located
-            for run in runs.glob("*/")
-            if _run_of(run) and (located := _in_run(run, prefer)) is not None
-        ]
-        if not found:
-            wanted = "checkpoints/last.ckpt" if prefer == "lightning" else "adapter or checkpoint"
-            raise CheckpointError(f"{key}=last: no run under {runs} has an {wanted}")
-        return max(found, key=lambda c: c.path.stat().st_mtime)
-    path = Path(str(value)).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"{key}={value}: no such file or folder")
-    if path.is_file():
-        if path.suffix != ".ckpt":
-            raise CheckpointError(f"{key}={value}: expected a .ckpt file, an adapter or run folder")
-        return Checkpoint("lightning", path, _run_of(path.parent.parent))
-    if (path / "adapter_config.json").is_file():
-        if prefer == "lightning":
-            raise CheckpointError(
-                f"{key}={value} is an adapter folder, which holds no optimizer or data position: "
-                "resume from its run folder or a .ckpt, or start from its weights with "
-                f"adapter.lora_model_dir={value}"
-            )
-        return Checkpoint("adapter", path, _run_of(path.parent))
-    if _run_of(path):
-        located = _in_run(path, prefer)
-        if located is None:
-            wanted = (
-                "checkpoints/last.ckpt" if prefer == "lightning" else "adapter/ nor checkpoints/"
-            )
-            raise CheckpointError(f"{key}={value}: the run folder has no {wanted}")
-        return located
-    raise CheckpointError(
-        f"{key}={value}: not a run folder (config.yaml), an adapter folder "
-        "(adapter_config.json) or a Lightning .ckpt file"
-    )
-
-
-def _in_run(run: Path, prefer: str) -> Checkpoint | None:
-    if prefer == "adapter" and (run / "adapter" / "adapter_config.json").is_file():
-        return Checkpoint("adapter", run / "adapter", run)
-    last = run / "checkpoints" / "last.ckpt"
-    return Checkpoint("lightning", last, run) if last.is_file() else None
 
 
 def resolve(ckpt: str | None, key: str = "ckpt", prefer: str = "adapter") -> Checkpoint:

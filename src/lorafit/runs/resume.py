@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lorafit.constants import FINGERPRINT_KEY
 from lorafit.errors import ConfigError
-from lorafit.runs.checkpoints import RUNS, locate, read_checkpoint
+from lorafit.runs.checkpoints import read_checkpoint
+from lorafit.runs.locate import RUNS, locate
 
 ADAPTER_SHAPE = ("_target_", "r", "alpha", "target_linear", "target_modules", "quantization")
 DATA_SHAPE = ("sequence_len", "sample_packing", "train_on_inputs", "val_set_size", "seed")
