@@ -1,10 +1,15 @@
-"""Answer one prompt with a trained adapter (or the base model), in the training template.
+"""Answer instructions with a trained adapter (or the base model), in the training template.
+The answers alone go to stdout; logs go to stderr.
 
     python generate.py ckpt=outputs/runs/<run> prompt="What is the capital of France?"
+    python generate.py ckpt=outputs/runs/<run> prompts_file=questions.txt > answers.jsonl
+    cat questions.jsonl | python generate.py ckpt=outputs/runs/<run> prompts_file=-
+    python generate.py ckpt=outputs/runs/<run> chat=true      # one instruction per line
     python generate.py ckpt=none experiment=quickstart prompt="Classify: great film!" \\
-        input="" eval.do_sample=true eval.temperature=0.7
+        eval.do_sample=true eval.temperature=0.7
 """
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -18,25 +23,40 @@ from lorafit.errors import ConfigError, exit_on_user_errors
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 @exit_on_user_errors
 def main(cfg: DictConfig) -> None:
-    if cfg.prompt is None:
-        raise ConfigError('give the instruction as prompt="..." (and optionally input="...")')
+    asked = [cfg.prompt is not None, cfg.prompts_file is not None, bool(cfg.chat)]
+    if sum(asked) != 1:
+        raise ConfigError(
+            'say what to answer, one way: prompt="..." (with input="..." if it has one), '
+            "prompts_file=<file or -> (one instruction per line, or JSON lines), or chat=true"
+        )
     # The libraries load here, after the console is set up: --help needs none of them.
     from lorafit.data.prompts import alpaca_prompt
+    from lorafit.eval import answers
     from lorafit.eval.evaluation import generate, load_trained
 
     lightning_logs_once()
-
+    # Read before the model loads: a bad file fails in a second, not after a minute.
+    prompts = answers.read_prompts(str(cfg.prompts_file)) if cfg.prompts_file else None
     cfg, module, datamodule, _ = load_trained(cfg, HydraConfig.get().overrides.task)
-    prompt = alpaca_prompt(str(cfg.prompt), str(cfg.get("input") or ""))
-    (answer,) = generate(
-        module,
-        datamodule.tokenizer,
-        [prompt],
-        cfg.eval.max_new_tokens,
-        cfg.eval.do_sample,
-        cfg.eval.temperature,
-    )
-    print(answer)
+
+    def answer(templated: list[str]) -> list[str]:
+        return generate(
+            module,
+            datamodule.tokenizer,
+            templated,
+            cfg.eval.max_new_tokens,
+            cfg.eval.do_sample,
+            cfg.eval.temperature,
+            batch_size=cfg.eval.batch_size,
+        )
+
+    if prompts is not None:
+        answers.answer_all(prompts, answer, sys.stdout)
+    elif cfg.chat:
+        answers.chat(answer, sys.stdin, sys.stdout, sys.stderr)
+    else:
+        (completion,) = answer([alpaca_prompt(str(cfg.prompt), str(cfg.input or ""))])
+        print(completion)
 
 
 if __name__ == "__main__":

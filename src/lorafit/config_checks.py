@@ -160,6 +160,7 @@ SWITCHES = (
     "validate_before_training",
     "resume_force",
     "eval.do_sample",
+    "chat",
 )
 
 
@@ -181,7 +182,8 @@ def check_logger(logger: DictConfig) -> None:
 def check_eval(cfg: DictConfig) -> None:
     """eval.py, generate.py and export.py settings, refused before a model loads."""
     settings = cfg.get("eval") or {}
-    for key, least in (("max_samples", 0), ("max_new_tokens", 1), ("report_samples", 0)):
+    checked = (("max_samples", 0), ("max_new_tokens", 1), ("report_samples", 0), ("batch_size", 1))
+    for key, least in checked:
         value = settings.get(key, least)
         _require(_is_int(value) and value >= least, f"eval.{key}", value, f"an integer >= {least}")
     temperature = settings.get("temperature", 1.0)

@@ -161,6 +161,13 @@ def test_the_tools_write_inside_the_run_they_read_and_bad_input_leaves_no_folder
     # generate.py: the answer alone on stdout, the logs on stderr.
     result = _cli("generate.py", f"ckpt={run}", "prompt=Name a colour.", *quick, cwd=tmp_path)
     assert result.returncode == 0 and "[INFO]" not in result.stdout and "[INFO]" in result.stderr
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Name a colour.\nAdd 2 and 3.\nName a capital.\n")
+    result = _cli("generate.py", f"ckpt={run}", f"prompts_file={questions}", *quick, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    answered = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["instruction"] for a in answered] == questions.read_text().splitlines()
+    assert all(isinstance(a["output"], str) for a in answered)
     # Bad input: refused before Hydra makes a folder, or after, and the folder removed again.
     broken = tmp_path / "broken"
     shutil.copytree(run, broken, ignore=shutil.ignore_patterns("eval", "generate", "export"))
