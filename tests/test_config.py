@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -13,6 +14,7 @@ from lorafit.config_checks import check_config, devices_count
 from lorafit.errors import ConfigError
 from lorafit.model.adapters import FullFineTune, LoraAdapter
 from lorafit.model.module import CausalLMModule, build_module
+from lorafit.strict_config import ALIASES
 
 # conf/_base holds what the options of a group share; it is not a group to choose from.
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_"))
@@ -155,3 +157,31 @@ def test_the_lightning_module_is_the_class_model_module_names(tmp_path):
         build_module(cfg)
     del cfg.model.module  # a run config written before the key existed
     assert type(build_module(cfg)) is CausalLMModule
+
+
+EXAMPLE = CONF_DIR.parent / "examples" / "axolotl-qlora-mistral-7b.yml"
+
+
+def test_the_example_axolotl_config_holds_the_canonical_jobs_numbers(tmp_path):
+    example = yaml.safe_load(EXAMPLE.read_text())
+    cfg = compose_config(["experiment=mistral7b_qlora_alpaca2k"], tmp_path)
+    compared = []
+    for key, where in ALIASES.items():
+        # save_interval counts epochs in the example; lorafit's alias is its step interval.
+        if example.get(key) is None or key == "save_interval":
+            continue
+        assert OmegaConf.select(cfg, where) == example[key], key
+        compared.append(key)
+    assert len(compared) >= 15
+    assert cfg.model.source.repo_id == example["base_model"]
+    assert cfg.data.datasets[0].path == example["datasets"][0]["path"]
+    assert cfg.callbacks.model_checkpoint.every_n_epochs == example["save_interval"]
+    assert cfg.optimizer._target_.endswith("PagedAdamW32bit")
+    # Plain `python train.py` is the same job, but for what the experiment pins.
+    plain = compose_config([], tmp_path)
+    assert (plain.adapter.r, plain.data.sample_packing, plain.model.source.repo_id) == (
+        example["lora_r"],
+        example["sample_packing"],
+        example["base_model"],
+    )
+    assert instantiate(plain.adapter.quantization).load_in_4bit

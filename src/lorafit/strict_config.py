@@ -1,7 +1,7 @@
 """A bad command line is one error line that suggests what was meant, before anything runs.
 
 Hydra already refuses keys that are not in the config; this adds the nearest valid names
-("did you mean adapter.r?"), including the Axolotl-style names of the source config
+("did you mean adapter.r?"), including the names of Axolotl configs
 (`lora_r`, `learning_rate`, ...).
 """
 
@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from lorafit.errors import LorafitError
 from lorafit.runs.locate import locate
 
-# The article's (Axolotl-style) names, and where they live here.
+# Axolotl's names, and where they live here.
 ALIASES = {
     "lora_r": "adapter.r",
     "lora_alpha": "adapter.alpha",

@@ -7,8 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
+from helpers import compose_config
 from lorafit.errors import CheckpointError
+from lorafit.runs.checkpoints import merge_run_config
 from lorafit.runs.locate import locate
 from lorafit.runs.resume import checkpoint_path
 
@@ -65,3 +68,22 @@ def test_what_cannot_be_resumed_is_named(runs, tmp_path):
         checkpoint_path("last", runs=tmp_path / "nothing")
     with pytest.raises(CheckpointError, match="ckpt=.*an_eval: not a run folder"):
         locate(runs / "an_eval", "ckpt")
+
+
+def test_a_key_set_on_the_command_line_changes_only_that_key_of_the_runs_config(tmp_path):
+    run = tmp_path / "run"
+    train_cfg = compose_config(["experiment=tiny", "data.sequence_len=77"], run)
+    run.mkdir()
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(train_cfg, resolve=True))
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_text("")
+
+    def merged(*overrides: str):
+        cfg = compose_config([f"ckpt={run}", *overrides])
+        return merge_run_config(cfg, locate(run, "ckpt"), [f"ckpt={run}", *overrides])
+
+    one_key = merged("data.val_set_size=0")
+    assert (one_key.data.sequence_len, one_key.data.val_set_size) == (77, 0)
+    assert one_key.model.source.hidden_size == 64  # the run's model, not the default
+    other_data = merged("data=demo")  # a group chosen whole replaces the run's
+    assert other_data.data.sequence_len == 512 and other_data.model.source.hidden_size == 64

@@ -12,7 +12,7 @@ from transformers import BitsAndBytesConfig, PreTrainedModel
 
 from lorafit.errors import ConfigError
 
-# Peft's shorthand for "every nn.Linear but the output head": the article's lora_target_linear.
+# Peft's shorthand for "every nn.Linear but the output head": Axolotl's lora_target_linear.
 ALL_LINEAR = "all-linear"
 
 
@@ -47,7 +47,7 @@ class LoraAdapter:
     """A peft LoRA adapter and the quantization of the base it sits on.
 
     Args:
-        r: Rank of the update matrices (article: lora_r).
+        r: Rank of the update matrices (Axolotl: lora_r).
         alpha: Scale numerator; the update is scaled by alpha / r (lora_alpha).
         dropout: Dropout on the adapter input during training (lora_dropout).
         target_linear: Adapt every linear layer but the output head (lora_target_linear).

@@ -93,32 +93,34 @@ def resolve(ckpt: str | None, key: str = "ckpt", prefer: str = "adapter") -> Che
     return checkpoint
 
 
-def overridden_keys(overrides: list[str]) -> set[str]:
-    """Top-level config keys a list of command-line overrides touches."""
-    keys = {o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] for o in overrides}
-    if "experiment" in keys:
-        keys |= {"model", "adapter", "data"}
-    return keys
+def chosen_groups(overrides: list[str]) -> set[str]:
+    """Top-level sections the command line chooses whole (`data=local`, an experiment)."""
+    keys = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    chosen = {key for key in keys if "." not in key}
+    if "experiment" in chosen:
+        chosen |= {"model", "adapter", "data"}
+    return chosen
 
 
 def merge_run_config(cfg: DictConfig, checkpoint: Checkpoint, overrides: list[str]) -> DictConfig:
-    """The composed config with model, adapter, data and seed taken from the checkpoint's run,
-    except where the command line set them; an adapter folder's own shape wins over both."""
+    """The composed config with model, adapter, data, trainer, seed and eval settings taken
+    from the checkpoint's run, except where the command line chose another (`data=local`)
+    or set a key (`data.val_set_size=0`: the run's data with that one change); an adapter
+    folder's own shape wins over both."""
     merged = cfg.copy()
     OmegaConf.set_struct(merged, False)
     run = checkpoint.run_config
     if run is not None:
-        touched = overridden_keys(overrides)
-        for key in RUN_KEYS:
-            if key not in touched and key in run:
-                merged[key] = run[key]
-        # Eval settings merge key by key: the run's (e.g. its labels), then the command line's.
-        if "eval" in run:
-            merged.eval = OmegaConf.merge(cfg.eval, run.eval)
-            for override in overrides:
-                key = override.lstrip("+~").split("=", 1)[0]
-                if key.startswith("eval."):
-                    OmegaConf.update(merged, key, OmegaConf.select(cfg, key), merge=False)
+        chosen = chosen_groups(overrides)
+        for key in (*RUN_KEYS, "eval"):
+            if key in chosen or key not in run:
+                continue
+            # Eval settings merge key by key (a run keeps its labels, a newer key its default).
+            merged[key] = OmegaConf.merge(cfg[key], run[key]) if key == "eval" else run[key]
+        for override in overrides:
+            key = override.lstrip("+~").split("=", 1)[0]
+            if "." in key and key.split(".", 1)[0] not in chosen:
+                OmegaConf.update(merged, key, OmegaConf.select(cfg, key), merge=False)
     if checkpoint.kind == "adapter":
         saved = json.loads((checkpoint.path / "adapter_config.json").read_text())
         targets = saved["target_modules"]

@@ -54,7 +54,7 @@ def finish(trainer: pl.Trainer) -> None:
 
 
 class WandbLogger(LightningWandbLogger):
-    """Lightning's WandbLogger plus the source config's `wandb_watch` and `wandb_log_model`.
+    """Lightning's WandbLogger plus Axolotl's `wandb_watch` and `wandb_log_model`.
 
     Args:
         watch: Log "gradients", "parameters" or "all" of the trained model (wandb.watch);
