@@ -66,6 +66,10 @@ class ExportError(LorafitError):
     """The merged model does not reproduce the adapter model closely enough."""
 
 
+class ShareError(LorafitError):
+    """A run cannot be shared as asked (nothing to push, or the Hub refused it)."""
+
+
 def describe(error: BaseException) -> str:
     """`Type: first line of the message`: a library's exception, fit for a one-line error."""
     lines = str(error).strip().splitlines()
