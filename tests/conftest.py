@@ -12,9 +12,10 @@ import torch
 
 from helpers import SHARED_DATA
 
-# Converted models and tokenizers go to a fresh folder per test session, never the user's cache,
-# so every session exercises the conversions it relies on.
-os.environ["LORAFIT_CACHE"] = tempfile.mkdtemp(prefix="lorafit-test-cache-")
+# Converted models and tokenizers go to one folder that every test session reuses (the cache is
+# keyed by content and format, and safe to share), never the user's cache. Tests of the
+# conversions themselves give them a cache of their own.
+os.environ["LORAFIT_CACHE"] = str(Path(tempfile.gettempdir()) / "lorafit-test-cache")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

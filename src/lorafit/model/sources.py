@@ -38,6 +38,11 @@ from lorafit.folders import publish
 MISTRAL_VOCAB_SIZE = 32000
 
 
+# Part of every converted model's cache key: raise it when a conversion changes what it writes,
+# so no cache made by the old code is read by the new.
+CACHE_FORMAT = 2
+
+
 def cache_root() -> Path:
     """The folder for converted models and tokenizers (`LORAFIT_CACHE`, else ~/.cache/lorafit)."""
     return Path(os.environ.get("LORAFIT_CACHE", Path.home() / ".cache" / "lorafit")).expanduser()
@@ -220,7 +225,7 @@ class RandomMistral:
         if (self.build_dtype, self._device().type) != (torch.float32, "cpu"):
             key["build"] = [str(self.build_dtype), self._device().type]
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        return cache_root() / "models" / f"random-mistral-{digest}"
+        return cache_root() / "models" / f"random-mistral-{digest}-f{CACHE_FORMAT}"
 
     def _write(self, tmp: Path) -> None:
         device = self._device()
@@ -265,7 +270,7 @@ class GGUFPackageModel:
 
     def folder(self) -> Path:
         gguf = _package_file(self.package, self.gguf_file)
-        return cache_root() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
+        return cache_root() / "models" / f"{gguf.stem}-{_file_digest(gguf)}-f{CACHE_FORMAT}"
 
     def _convert(self, tmp: Path) -> None:
         gguf = _package_file(self.package, self.gguf_file)
