@@ -100,6 +100,7 @@ def test_no_held_out_split_is_a_clear_error(trained_run, tmp_path):
 
 
 # 8-bit layers compute in fp16 (bitsandbytes casts), so the merged fp32 model matches less closely.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("adapter", "tolerance"), [("lora", 1e-5), ("qlora", 1e-5), ("lora_8bit", 1e-3)]
 )

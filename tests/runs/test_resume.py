@@ -52,6 +52,7 @@ def test_a_killed_and_resumed_run_continues_the_same_losses(tmp_path):
     torch.testing.assert_close(val_resumed, val_unbroken[-len(val_resumed) :], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("change", "named"),
     [
