@@ -68,6 +68,8 @@ def test_eval_writes_metrics_report_and_plots(trained_run, tmp_path):
     assert png.read_bytes()[:8] == PNG_SIGNATURE
     report = (tmp_path / "report.md").read_text()
     assert "loss_curves.png" in report and "exact_match" in report
+    # Samples show the instruction asked, not the template's preamble on every row.
+    assert "Below is an instruction" not in report and "### Response" not in report
 
 
 def test_before_and_after_compares_with_the_base_model(trained_run, tmp_path):

@@ -65,6 +65,29 @@ def test_before_after_png(tmp_path):
         plot_before_after(before, after, tmp_path / "x.png", ["val/loss"])
 
 
+def test_losses_and_scores_get_their_own_panels_and_scores_say_their_rows(tmp_path, monkeypatch):
+    import lorafit.eval.report as report
+
+    drawn = []
+    real_bars = report._bars
+    monkeypatch.setattr(
+        report,
+        "_bars",
+        lambda ax, b, a, keys, title: (
+            drawn.append((list(keys), title)) or real_bars(ax, b, a, keys, title)
+        ),
+    )
+    before = {"val/loss": 2.5, "exact_match": 0.1, "cls/f1_macro": 0.3}
+    after = {"val/loss": 0.5, "exact_match": 0.6, "cls/f1_macro": 0.9, "cls/support/positive": 2}
+    keys = ["val/loss", "exact_match", "cls/f1_macro"]
+    assert_valid_png(plot_before_after(before, after, tmp_path / "ba.png", keys))
+    assert drawn == [
+        (["val/loss"], "lower is better"),
+        (["exact_match", "cls/f1_macro"], "higher is better"),
+    ]
+    assert report._scored_rows(after) == 2
+
+
 def test_report_markdown(tmp_path):
     plots = tmp_path / "plots"
     images = [plots / "loss.png", plots / "before_after.png"]

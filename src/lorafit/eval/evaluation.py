@@ -144,7 +144,12 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, float]
         except ValueError as error:
             log.warning("classification metrics skipped: %s", error)
     metrics["samples"] = len(rows)
-    _write_outputs(cfg, checkpoint, metrics, prompts, references, generations)
+    # The report shows what was asked, not the template around it on every row.
+    asked = [
+        r["instruction"] + (f"\n\n{r['input']}" if (r.get("input") or "").strip() else "")
+        for r in rows
+    ]
+    _write_outputs(cfg, checkpoint, metrics, asked, references, generations)
     return metrics
 
 

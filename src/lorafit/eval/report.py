@@ -32,9 +32,11 @@ def step_axis(ax: Any) -> None:
 
 
 @contextmanager
-def figure(out_png: Path, size: tuple[float, float] = (8, 4.5)) -> Iterator[Any]:
-    """Axes to draw on; on exit the figure is laid out, saved to `out_png` and closed."""
-    fig, ax = plt.subplots(figsize=size)
+def figure(out_png: Path, size: tuple[float, float] = (8, 4.5), columns: int = 1) -> Iterator[Any]:
+    """Axes to draw on (a list of `columns` of them when more than one); on exit the figure is
+    laid out, saved to `out_png` and closed."""
+    fig, ax = plt.subplots(1, columns, figsize=size, squeeze=True)
+    ax = list(ax) if columns > 1 else ax
     try:
         yield ax
         fig.tight_layout()
@@ -103,29 +105,54 @@ def plot_before_after(
     if not shown:
         raise ValueError(f"none of the metrics {list(keys)!r} is in both before and after")
 
-    width = 0.38
-    xs = range(len(shown))
-    with figure(out_png, size=(max(5.0, 1.6 * len(shown) + 2), 4.5)) as ax:
-        base = ax.bar(
-            [x - width / 2 for x in xs],
-            [float(before[k]) for k in shown],
-            width,
-            label="base model",
-        )
-        tuned = ax.bar(
-            [x + width / 2 for x in xs],
-            [float(after[k]) for k in shown],
-            width,
-            label="fine-tuned",
-        )
-        ax.bar_label(base, fmt="%.4f", padding=2, fontsize=8)
-        ax.bar_label(tuned, fmt="%.4f", padding=2, fontsize=8)
-        ax.set_xticks(list(xs), shown)
-        ax.set_ylabel("value")
-        ax.set_title("Base model vs fine-tuned")
-        ax.margins(y=0.15)  # room above the tallest bar for its label
-        ax.legend()
+    # Losses and scores differ in scale and direction (lower is better for a loss, higher for
+    # a score in [0, 1]): each group gets its own panel.
+    losses = [k for k in shown if "loss" in k or "ppl" in k]
+    scores = [k for k in shown if k not in losses]
+    groups = [
+        (keys, title)
+        for keys, title in ((losses, "lower is better"), (scores, "higher is better"))
+        if keys
+    ]
+    with figure(out_png, size=(max(5.0, 1.6 * len(shown) + 3), 4.5), columns=len(groups)) as axes:
+        for ax, (keys_here, title) in zip(axes if len(groups) > 1 else [axes], groups, strict=True):
+            _bars(ax, before, after, keys_here, title)
     return Path(out_png)
+
+
+def _scored_rows(metrics: Mapping[str, float]) -> int | None:
+    supports = [v for k, v in metrics.items() if k.startswith("cls/support/")]
+    return int(sum(supports)) if supports else None
+
+
+def _bars(
+    ax: Any,
+    before: Mapping[str, float],
+    after: Mapping[str, float],
+    keys: Sequence[str],
+    title: str,
+) -> None:
+    width = 0.38
+    xs = range(len(keys))
+    base = ax.bar(
+        [x - width / 2 for x in xs], [float(before[k]) for k in keys], width, label="base model"
+    )
+    tuned = ax.bar(
+        [x + width / 2 for x in xs], [float(after[k]) for k in keys], width, label="fine-tuned"
+    )
+    ax.bar_label(base, fmt="%.4f", padding=2, fontsize=8)
+    ax.bar_label(tuned, fmt="%.4f", padding=2, fontsize=8)
+    rows = _scored_rows(after)
+    # Classification scores cover only the rows whose reference is a label: say how many.
+    names = [
+        f"{k}\n(n={rows} rows)" if k.startswith("cls/") and rows is not None else k for k in keys
+    ]
+    ax.set_xticks(list(xs), names)
+    if all("loss" not in k and "ppl" not in k for k in keys):
+        ax.set_ylim(0, 1.1)  # scores live in [0, 1]
+    ax.set_title(f"Base model vs fine-tuned: {title}")
+    ax.margins(y=0.15)  # room above the tallest bar for its label
+    ax.legend(fontsize=8)
 
 
 def _format_value(value: object) -> str:
