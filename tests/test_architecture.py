@@ -42,5 +42,14 @@ def test_the_tree_shows_the_four_parts():
     assert {"data", "model", "runs", "eval"} <= parts
     flat = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
     assert flat == sorted(
-        ["errors", "constants", "folders", "config_checks", "console", "strict_config", "training"]
+        [
+            "errors",
+            "constants",
+            "folders",
+            "config_checks",
+            "console",
+            "from_axolotl",
+            "strict_config",
+            "training",
+        ]
     )
