@@ -20,30 +20,16 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from lorafit.errors import LorafitError
+from lorafit.from_axolotl import SCALARS
 from lorafit.runs.locate import locate
 
-# Axolotl's names, and where they live here.
+# Axolotl's names, and where they live here: the converter's table (lorafit.from_axolotl),
+# plus the names typed on a command line that it reads otherwise.
 ALIASES = {
-    "lora_r": "adapter.r",
-    "lora_alpha": "adapter.alpha",
-    "lora_dropout": "adapter.dropout",
-    "lora_target_linear": "adapter.target_linear",
-    "lora_target_modules": "adapter.target_modules",
-    "lora_fan_in_fan_out": "adapter.fan_in_fan_out",
-    "lora_model_dir": "adapter.lora_model_dir",
-    "learning_rate": "optimizer.lr",
+    **SCALARS,
     "lr": "optimizer.lr",
-    "num_epochs": "trainer.max_epochs",
-    "max_grad_norm": "trainer.gradient_clip_val",
-    "logging_steps": "trainer.log_every_n_steps",
-    "save_total_limit": "callbacks.model_checkpoint.save_top_k",
-    "save_interval": "callbacks.model_checkpoint.every_n_train_steps",
-    "val_set_size": "data.val_set_size",
-    "sequence_len": "data.sequence_len",
-    "sample_packing": "data.sample_packing",
-    "micro_batch_size": "data.micro_batch_size",
     "batch_size": "data.batch_size",
-    "gradient_checkpointing": "model.gradient_checkpointing",
+    "save_interval": "callbacks.model_checkpoint.every_n_train_steps",
 }
 # Hydra's own keys of an object built from config.
 INSTANTIATE_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")

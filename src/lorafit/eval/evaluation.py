@@ -132,7 +132,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, float]
         cfg.eval.max_new_tokens,
         cfg.eval.do_sample,
         cfg.eval.temperature,
-        batch_size=cfg.eval.get("batch_size", 8),
+        batch_size=cfg.eval.batch_size,
     )
     metrics["exact_match"] = text_metrics.exact_match(generations, references)
     metrics["rouge_l"] = text_metrics.rouge_l(generations, references)
