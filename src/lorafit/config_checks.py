@@ -12,6 +12,7 @@ from lorafit.data.packing import check_backend
 from lorafit.data.tokenization import OVERLONG_POLICIES
 from lorafit.errors import ConfigError
 from lorafit.folders import check_folder
+from lorafit.model.schedules import check_warmup
 
 
 def devices_count(trainer: DictConfig) -> int:
@@ -133,8 +134,10 @@ def check_values(cfg: DictConfig) -> None:
         data.get("num_workers"),
         "an integer >= 0",
     )
-    warmup = cfg.get("scheduler", {}).get("warmup_steps", 0)
+    scheduler = cfg.get("scheduler", {})
+    warmup = scheduler.get("warmup_steps", 0)
     _require(_is_int(warmup) and warmup >= 0, "scheduler.warmup_steps", warmup, "an integer >= 0")
+    check_warmup(warmup, scheduler.get("warmup_ratio"))
     check_switches(cfg)
     check_trainer(cfg.trainer)
     check_callbacks(cfg.get("callbacks") or {})
