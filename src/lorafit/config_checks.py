@@ -141,6 +141,7 @@ def check_values(cfg: DictConfig) -> None:
     check_switches(cfg)
     check_trainer(cfg.trainer)
     check_callbacks(cfg.get("callbacks") or {})
+    check_early_stopping(cfg)
     check_logger(cfg.get("logger") or {})
     check_eval(cfg)
     _require(model.dtype in DTYPES, "model.dtype", model.dtype, " or ".join(DTYPES))
@@ -295,6 +296,7 @@ def check_callbacks(callbacks: DictConfig) -> None:
             top_k,
             "an integer >= -1 (-1 = keep all)",
         )
+        check_saves_per_epoch(name, entry)
         max_loss = entry.get("max_loss")
         _require(
             max_loss is None or (_is_number(max_loss) and max_loss > 0),
@@ -302,6 +304,35 @@ def check_callbacks(callbacks: DictConfig) -> None:
             max_loss,
             "a number > 0 or null",
         )
+
+
+def check_saves_per_epoch(name: str, entry: DictConfig) -> None:
+    """N saves an epoch replaces the step interval; an epoch interval as well is Lightning's
+    refusal, late and less clear."""
+    saves = entry.get("saves_per_epoch")
+    if saves is None:
+        return
+    key = f"callbacks.{name}"
+    _require(_is_int(saves) and saves >= 1, f"{key}.saves_per_epoch", saves, "an integer >= 1")
+    if entry.get("every_n_epochs"):
+        raise ConfigError(
+            f"{key}.saves_per_epoch={saves} and {key}.every_n_epochs={entry.every_n_epochs} "
+            f"both set when to save: keep one ({key}.every_n_epochs=null)"
+        )
+
+
+def check_early_stopping(cfg: DictConfig) -> None:
+    """Early stopping on a validation metric needs validation; without it Lightning would stop
+    the run with an error after the first epoch."""
+    for name, entry in (cfg.get("callbacks") or {}).items():
+        if entry is None or not str(entry.get("_target_", "")).endswith("EarlyStopping"):
+            continue
+        if str(entry.get("monitor", "")).startswith("val/") and cfg.data.val_set_size == 0:
+            raise ConfigError(
+                f"callbacks.{name} watches {entry.monitor}, but data.val_set_size=0 leaves no "
+                "validation data: hold some out or switch it off with "
+                f"callbacks.{name}=null"
+            )
 
 
 def check_machine(cfg: DictConfig) -> None:
