@@ -1,10 +1,11 @@
-"""Answer instructions with a trained adapter (or the base model), in the training template.
+"""Answer instructions with a trained adapter (or the base model), in the training template
+(alpaca, the run's chat template, or none for a raw-text run).
 The answers alone go to stdout; logs go to stderr.
 
     python generate.py ckpt=outputs/runs/<run> prompt="What is the capital of France?"
     python generate.py ckpt=outputs/runs/<run> prompts_file=questions.txt > answers.jsonl
     cat questions.jsonl | python generate.py ckpt=outputs/runs/<run> prompts_file=-
-    python generate.py ckpt=outputs/runs/<run> chat=true      # one instruction per line
+    python generate.py ckpt=outputs/runs/<run> chat=true      # a conversation (chat data)
     python generate.py ckpt=none experiment=quickstart prompt="Classify: great film!" \\
         eval.do_sample=true eval.temperature=0.7
 """
@@ -30,7 +31,6 @@ def main(cfg: DictConfig) -> None:
             "prompts_file=<file or -> (one instruction per line, or JSON lines), or chat=true"
         )
     # The libraries load here, after the console is set up: --help needs none of them.
-    from lorafit.data.prompts import alpaca_prompt
     from lorafit.eval import answers
     from lorafit.eval.evaluation import generate, load_trained
 
@@ -38,12 +38,13 @@ def main(cfg: DictConfig) -> None:
     # Read before the model loads: a bad file fails in a second, not after a minute.
     prompts = answers.read_prompts(str(cfg.prompts_file)) if cfg.prompts_file else None
     cfg, module, datamodule, _ = load_trained(cfg, HydraConfig.get().overrides.task)
+    prompter = datamodule.prompter()  # the run's template: alpaca, its chat template, raw text
 
-    def answer(templated: list[str]) -> list[str]:
+    def answer(prompt_ids: list[list[int]]) -> list[str]:
         return generate(
             module,
-            datamodule.tokenizer,
-            templated,
+            prompter,
+            prompt_ids,
             cfg.eval.max_new_tokens,
             cfg.eval.do_sample,
             cfg.eval.temperature,
@@ -51,11 +52,11 @@ def main(cfg: DictConfig) -> None:
         )
 
     if prompts is not None:
-        answers.answer_all(prompts, answer, sys.stdout)
+        answers.answer_all(prompts, answer, prompter, sys.stdout)
     elif cfg.chat:
-        answers.chat(answer, sys.stdin, sys.stdout, sys.stderr)
+        answers.chat(answer, prompter, sys.stdin, sys.stdout, sys.stderr)
     else:
-        (completion,) = answer([alpaca_prompt(str(cfg.prompt), str(cfg.input or ""))])
+        (completion,) = answer([prompter.ask(str(cfg.prompt), str(cfg.input or ""))])
         print(completion)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from lorafit.data.datamodule import AlpacaDataModule
+from lorafit.data.datamodule import FineTuneDataModule
 from lorafit.data.packing import pack_rows
 from lorafit.data.tokenization import tokenize_alpaca
 from lorafit.model.sources import mistral_tokenizer
@@ -82,7 +82,7 @@ def preparation(rows: list[dict[str, str]], tokenizer) -> None:
         data.write_text(json.dumps(many))
         for attempt in ("first (builds the cache)", "second (cached)"):
             start = time.perf_counter()
-            datamodule = AlpacaDataModule(
+            datamodule = FineTuneDataModule(
                 datasets=[{"path": str(data)}],
                 sequence_len=2048,
                 val_set_size=0.05,

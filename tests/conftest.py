@@ -26,11 +26,11 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def demo_examples():
     """The first 24 demo rows, tokenized with the real Mistral tokenizer."""
     from lorafit.data.examples import TokenizedExamples
-    from lorafit.data.sources import load_alpaca
+    from lorafit.data.sources import load_rows
     from lorafit.data.tokenization import tokenize_alpaca
     from lorafit.model.sources import mistral_tokenizer
 
-    rows = load_alpaca([{"path": "builtin:demo_alpaca"}])[:24]
+    rows = load_rows([{"path": "builtin:demo_alpaca"}])[:24]
     examples, _ = tokenize_alpaca(rows, mistral_tokenizer(), sequence_len=256)
     return TokenizedExamples.from_lists(examples)
 

@@ -23,6 +23,11 @@ from lorafit.strict_config import config_error
 from lorafit.training import train
 
 GOOD = {"instruction": "Say hi.", "input": "", "output": "hi"}
+CHAT_ROW = {
+    "messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+}
+COMPLETION = ["data.datasets.0.type=completion"]
+CHAT = ["data.datasets.0.type=chat", "data.chat_template=chatml"]
 
 # (case, overrides, data file (name, text) or None, message pattern)
 CASES = [
@@ -80,8 +85,8 @@ CASES = [
     (
         "unsupported file type",
         [],
-        ("rows.csv", "instruction,output\nx,y\n"),
-        r"rows\.csv: unsupported file type '\.csv'",
+        ("rows.txt", "instruction,output\nx,y\n"),
+        r"rows\.txt: unsupported file type '\.txt'",
     ),
     ("broken JSON", [], ("rows.json", '[{"instruction": "x", '), r"could not be read as json"),
     (
@@ -95,6 +100,113 @@ CASES = [
         ["data.overlong=drop", "data.sequence_len=8"],
         ("rows.json", [GOOD] * 4),
         r"no usable example at sequence_len=8",
+    ),
+    # Raw text and conversations: each bad shape names its row (and message).
+    (
+        "completion without its text field",
+        COMPLETION,
+        ("docs.jsonl", [{"body": "x"}]),
+        r"docs\.jsonl: no row has the field 'text' \(fields found: body\)",
+    ),
+    (
+        "completion with empty text",
+        COMPLETION,
+        ("docs.jsonl", [{"text": "a b"}, {"text": " "}]),
+        r"docs\.jsonl: row 1 has an empty 'text'",
+    ),
+    (
+        "completion text not text",
+        COMPLETION,
+        ("docs.jsonl", [{"text": "a"}, {"text": 3}]),
+        r"docs\.jsonl: row 1 field 'text' is int text",
+    ),
+    (
+        "chat without messages",
+        CHAT,
+        ("chats.jsonl", [{"text": "x"}]),
+        r"chats\.jsonl: no row has the field 'messages'",
+    ),
+    (
+        "chat message without content",
+        CHAT,
+        ("chats.jsonl", [CHAT_ROW, {"messages": [{"role": "user"}]}]),
+        r"chats\.jsonl: row 1 message 0 has keys \['role'\]; a message needs role and content",
+    ),
+    (
+        "chat with an unknown role",
+        CHAT,
+        ("chats.jsonl", [CHAT_ROW, {"messages": [{"role": "bot", "content": "x"}]}]),
+        r"chats\.jsonl: row 1 message 0 has the unknown role 'bot'",
+    ),
+    (
+        "chat with an empty reply",
+        CHAT,
+        (
+            "chats.jsonl",
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": "x"},
+                        {"role": "assistant", "content": ""},
+                    ]
+                }
+            ],
+        ),
+        r"chats\.jsonl: row 0 message 1 \(assistant\) has empty content",
+    ),
+    (
+        "chat with no reply to learn",
+        CHAT,
+        ("chats.jsonl", [CHAT_ROW, {"messages": [{"role": "user", "content": "x"}]}]),
+        r"chats\.jsonl: row 1 has no assistant message",
+    ),
+    (
+        "chat messages not a list",
+        CHAT,
+        ("chats.jsonl", [{"messages": "hello"}]),
+        r"chats\.jsonl: row 0 has str messages",
+    ),
+    (
+        "chat template without assistant markers",
+        [*CHAT, "data.chat_template='{% for m in messages %}{{ m.content }}{% endfor %}'"],
+        ("chats.jsonl", [CHAT_ROW] * 4),
+        r"renders an assistant turn exactly like a user turn",
+    ),
+    (
+        "chat on a tokenizer without a template",
+        [*CHAT, "data.chat_template=tokenizer_default"],
+        ("chats.jsonl", [CHAT_ROW] * 4),
+        r"the model's tokenizer has no chat template; set data\.chat_template=chatml",
+    ),
+    (
+        "unknown chat template",
+        [*CHAT, "data.chat_template=llama9"],
+        None,
+        r"data\.chat_template='llama9': expected tokenizer_default, chatml",
+    ),
+    (
+        "unknown source type",
+        ["data.datasets.0.type=sharegpt"],
+        None,
+        r"data\.datasets\.0\.type='sharegpt': expected one of alpaca, completion, chat",
+    ),
+    (
+        "misspelt source key",
+        ["+data.datasets.0.wieght=2"],
+        None,
+        r"data\.datasets\.0\.wieght: unknown key; did you mean weight",
+    ),
+    (
+        "weight of zero",
+        ["+data.datasets.0.weight=0"],
+        None,
+        r"data\.datasets\.0\.weight=0: expected a number > 0",
+    ),
+    (
+        "weights on some sources only",
+        ["data.datasets=[{path: builtin:demo_alpaca, weight: 2}, {path: builtin:demo_alpaca}]"],
+        None,
+        r"data\.datasets\.1\.weight is missing",
     ),
     # Values Lightning or torch would reject late, or accept and train nothing.
     ("max_steps below -1", ["trainer.max_steps=-2"], None, r"trainer\.max_steps=-2"),

@@ -8,9 +8,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lorafit.constants import ATTENTION_BACKENDS
+from lorafit.data.chat import check_setting as check_chat_template
 from lorafit.data.packing import check_backend
+from lorafit.data.rows import check_source_settings
 from lorafit.data.tokenization import OVERLONG_POLICIES
-from lorafit.errors import ConfigError
+from lorafit.errors import ConfigError, DataError
 from lorafit.folders import check_folder
 from lorafit.model.schedules import check_warmup
 
@@ -121,6 +123,7 @@ def check_values(cfg: DictConfig) -> None:
         data.get("overlong"),
         " or ".join(OVERLONG_POLICIES),
     )
+    check_data_sources(data)
     _require(
         _is_number(cfg.optimizer.lr) and math.isfinite(cfg.optimizer.lr) and cfg.optimizer.lr > 0,
         "optimizer.lr",
@@ -151,6 +154,15 @@ def check_values(cfg: DictConfig) -> None:
         model.attn_implementation,
         ", ".join(ATTENTION_BACKENDS),
     )
+
+
+def check_data_sources(data: DictConfig) -> None:
+    """The `data.datasets` entries and the chat template setting, before anything loads."""
+    try:
+        check_source_settings(OmegaConf.to_container(data.datasets, resolve=True))
+        check_chat_template(data.get("chat_template", "tokenizer_default"))
+    except DataError as error:
+        raise ConfigError(str(error)) from error
 
 
 # Switches that are true or false; "banana" or 3 would silently read as one or the other.

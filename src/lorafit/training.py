@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lorafit.config_checks import check_config, check_machine, devices_count
-from lorafit.data.datamodule import AlpacaDataModule
+from lorafit.data.datamodule import FineTuneDataModule
 from lorafit.errors import ConfigError
 from lorafit.folders import writable_folder
 from lorafit.model.module import CausalLMModule, build_module
@@ -66,7 +66,7 @@ def _callbacks(cfg: DictConfig) -> list[Callback]:
     return callbacks
 
 
-def _fit_validation_interval(cfg: DictConfig, datamodule: AlpacaDataModule) -> None:
+def _fit_validation_interval(cfg: DictConfig, datamodule: FineTuneDataModule) -> None:
     """Lightning refuses a validation interval (in batches) longer than an epoch, which sample
     packing makes easy to ask for: validate at each epoch's end instead, and say so."""
     interval = cfg.trainer.get("val_check_interval")
@@ -83,7 +83,7 @@ def _fit_validation_interval(cfg: DictConfig, datamodule: AlpacaDataModule) -> N
         cfg.trainer.val_check_interval = batches
 
 
-def _fit_checkpoint_interval(cfg: DictConfig, datamodule: AlpacaDataModule) -> None:
+def _fit_checkpoint_interval(cfg: DictConfig, datamodule: FineTuneDataModule) -> None:
     """A checkpoint callback's `saves_per_epoch` (Axolotl's saves_per_epoch) becomes the step
     interval ModelCheckpoint takes, which needs the epoch's length: known only now."""
     for name, entry in (cfg.get("callbacks") or {}).items():
@@ -110,7 +110,7 @@ class Run:
 
     trainer: pl.Trainer
     module: CausalLMModule
-    datamodule: AlpacaDataModule
+    datamodule: FineTuneDataModule
     resume: Path | None = None  # the checkpoint to continue from, checked against this run
 
 

@@ -12,7 +12,7 @@ from lorafit.constants import IGNORE_INDEX
 from lorafit.data.batching import StepBatchSampler, label_tokens, pad_collate
 from lorafit.data.datamodule import split_rows
 from lorafit.data.examples import TokenizedExamples
-from lorafit.data.sources import load_alpaca
+from lorafit.data.sources import load_rows
 from lorafit.errors import DataError, ModelSourceError
 from lorafit.model.sources import HubModel
 from lorafit.training import build_run
@@ -27,7 +27,7 @@ def _write(path: Path, rows, jsonl: bool = False) -> Path:
 
 
 def test_builtin_demo_set_loads_and_is_alpaca():
-    rows = load_alpaca([{"path": "builtin:demo_alpaca", "type": "alpaca"}])
+    rows = load_rows([{"path": "builtin:demo_alpaca", "type": "alpaca"}])
     assert len(rows) >= 200
     assert 0.2 < sum(bool(r["input"]) for r in rows) / len(rows) < 0.8
 
@@ -35,7 +35,7 @@ def test_builtin_demo_set_loads_and_is_alpaca():
 @pytest.mark.parametrize("jsonl", [False, True])
 def test_local_json_and_jsonl_load(tmp_path, jsonl):
     path = _write(tmp_path / ("rows.jsonl" if jsonl else "rows.json"), ROWS, jsonl)
-    assert load_alpaca([{"path": str(path)}]) == ROWS
+    assert load_rows([{"path": str(path)}]) == ROWS
 
 
 def test_local_parquet_loads(tmp_path):
@@ -43,11 +43,11 @@ def test_local_parquet_loads(tmp_path):
 
     path = tmp_path / "rows.parquet"
     datasets.Dataset.from_list(ROWS).to_parquet(str(path))
-    assert load_alpaca([{"path": str(path)}]) == ROWS
+    assert load_rows([{"path": str(path)}]) == ROWS
 
 
 def test_real_alpaca_rows_load(shared_alpaca):
-    rows = load_alpaca([{"path": str(shared_alpaca)}])
+    rows = load_rows([{"path": str(shared_alpaca)}])
     assert len(rows) == 999 and sum(bool(r["input"]) for r in rows) == 412
 
 
@@ -65,19 +65,19 @@ def test_real_alpaca_rows_load(shared_alpaca):
 def test_bad_rows_name_row_and_field(tmp_path, rows, message):
     path = _write(tmp_path / "bad.jsonl", rows, jsonl=True)
     with pytest.raises(DataError, match=message) as error:
-        load_alpaca([{"path": str(path)}])
+        load_rows([{"path": str(path)}])
     assert str(path) in str(error.value)
 
 
 def test_missing_file_names_its_path(tmp_path):
     with pytest.raises(DataError, match=f"data file not found: {tmp_path}/nope.json"):
-        load_alpaca([{"path": str(tmp_path / "nope.json")}])
+        load_rows([{"path": str(tmp_path / "nope.json")}])
 
 
 def test_hub_data_set_offline_names_the_repo(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match="mhenrichsen/alpaca_2k_test"):
-        load_alpaca([{"path": "mhenrichsen/alpaca_2k_test", "type": "alpaca"}])
+        load_rows([{"path": "mhenrichsen/alpaca_2k_test", "type": "alpaca"}])
 
 
 def test_hub_model_offline_is_a_clear_error():
@@ -110,7 +110,7 @@ def test_empty_splits_are_errors(rows, size, message):
 
 def test_empty_json_list_is_an_empty_data_set(tmp_path):
     with pytest.raises(DataError, match="empty"):
-        load_alpaca([{"path": str(_write(tmp_path / "rows.json", []))}])
+        load_rows([{"path": str(_write(tmp_path / "rows.json", []))}])
 
 
 def test_bad_data_fails_before_the_run_folder_is_written(tmp_path):

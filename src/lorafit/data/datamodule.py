@@ -1,7 +1,7 @@
-"""The LightningDataModule: load -> check -> split -> format -> tokenize -> loaders.
+"""The LightningDataModule: load -> check -> split -> mix -> tokenize -> pack -> loaders.
 
-The data logic itself lives in pure functions (data_sources, prompts, tokenization,
-batching); this class only orchestrates them and hands Lightning its loaders.
+The data logic itself lives in pure functions (sources, rows, mixing, chat, tokenization,
+packing, batching); this class only orchestrates them and hands Lightning its loaders.
 """
 
 from __future__ import annotations
@@ -17,53 +17,63 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lorafit.data import prepared_cache
+from lorafit.data import chat, prepared_cache
 from lorafit.data.batching import ResumableLoader, StepBatchSampler, pad_collate
 from lorafit.data.examples import PackedExamples, TokenizedExamples
+from lorafit.data.mixing import mix
 from lorafit.data.packing import pack_rows, packed_collate
 from lorafit.data.prepared_cache import PreparedSplit
-from lorafit.data.sources import load_alpaca
-from lorafit.data.tokenization import tokenize_alpaca
+from lorafit.data.prompter import Prompter
+from lorafit.data.sources import load_tagged
+from lorafit.data.tokenization import tokenize_rows
 from lorafit.errors import DataError
 
 log = logging.getLogger(__name__)
 
 
-def split_rows(
-    rows: Sequence[dict[str, str]], val_set_size: float | int, seed: int
-) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """Deterministic train / validation split.
+def split_indices(count: int, val_set_size: float | int, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic train / validation split of `count` rows, as sorted index lists.
 
     `val_set_size` below 1 is a fraction (rounded up, as `datasets.train_test_split` does), a
     whole number from 1 up is a count of rows, 0 means no validation. The same rows and seed
     always give the same split. The value's range is checked with the rest of the config
     (lorafit.config_checks); what is checked here is what only the rows can tell.
     """
-    n_val = math.ceil(len(rows) * val_set_size) if val_set_size < 1 else int(val_set_size)
-    if n_val >= len(rows):
-        raise DataError(
-            f"data.val_set_size={val_set_size} leaves no training rows out of {len(rows)}"
-        )
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    val = [rows[i] for i in sorted(order[:n_val])]
-    train = [rows[i] for i in sorted(order[n_val:])]
-    return train, val
+    n_val = math.ceil(count * val_set_size) if val_set_size < 1 else int(val_set_size)
+    if n_val >= count:
+        raise DataError(f"data.val_set_size={val_set_size} leaves no training rows out of {count}")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-class AlpacaDataModule(pl.LightningDataModule):
-    """Alpaca-format instruction data for causal-LM fine-tuning.
+def split_rows(
+    rows: Sequence[dict[str, Any]], val_set_size: float | int, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows of `split_indices`: (train, validation)."""
+    train, val = split_indices(len(rows), val_set_size, seed)
+    return [rows[i] for i in train], [rows[i] for i in val]
+
+
+class FineTuneDataModule(pl.LightningDataModule):
+    """Instruction (alpaca), raw-text (completion) and conversation (chat) data for causal-LM
+    fine-tuning, from one or several sources.
 
     Args:
-        datasets: Sources, each `{path, type: alpaca, revision?, split?}`; `path` is a Hub id,
-            a local .json / .jsonl / .parquet file, or `builtin:<name>`.
+        datasets: Sources, each `{path, type, revision?, split?, name?, weight?, text_field?,
+            field_messages?}` (lorafit.data.rows.SOURCE_KEYS); `path` is a Hub id, a local
+            .json / .jsonl / .parquet / .csv file, or `builtin:<name>`; `type` is alpaca,
+            completion or chat; `weight` is the source's share of the training rows.
         sequence_len: Longest example (or packed row) in tokens.
         val_set_size: Validation share (fraction) or row count; 0 for none.
-        train_on_inputs: Also learn the prompt tokens (off: only the response is learned).
+        train_on_inputs: Also learn the prompt tokens (off: only the response, or the
+            assistant turns, are learned).
         batch_size: Examples (packed: rows) per optimizer step over all devices.
         micro_batch_size: Examples (packed: rows) per forward pass on one device.
         sample_packing: Pack several examples into each row of `sequence_len` tokens.
         pad_to_sequence_len: Pad every batch to exactly `sequence_len` (static shapes).
-        overlong: Examples longer than `sequence_len`: "truncate" (cut the end) or "drop".
+        overlong: Examples longer than `sequence_len`: "truncate" (cut the end), "drop", or
+            "split" (a completion document continues in the next example).
+        chat_template: For chat rows: "tokenizer_default", "chatml" or a Jinja template.
         dataset_prepared_path: Folder of the prepared-data cache; None to always tokenize.
         num_workers: DataLoader worker processes.
         seed: Drives the split and the per-epoch shuffle.
@@ -85,6 +95,7 @@ class AlpacaDataModule(pl.LightningDataModule):
         dataset_prepared_path: str | None = None,
         num_workers: int = 0,
         seed: int = 42,
+        chat_template: str = chat.TOKENIZER_DEFAULT,
     ):
         super().__init__()
         self.sources = [dict(source) for source in datasets]
@@ -99,21 +110,43 @@ class AlpacaDataModule(pl.LightningDataModule):
         self.dataset_prepared_path = dataset_prepared_path
         self.num_workers = num_workers
         self.seed = seed
+        self.chat_template_setting = chat_template
         self.tokenizer: PreTrainedTokenizerBase | None = None
-        self.rows: tuple[list[dict[str, str]], list[dict[str, str]]] | None = None
+        self.chat_template: chat.ChatTemplate | None = None
+        self.rows: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
         self.splits: dict[str, PreparedSplit] | None = None
         self.prepared_from_cache = False
         self.cache_key: str | None = None
 
-    def connect(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Hand over the model's tokenizer: the one thing the data needs from the model side."""
-        self.tokenizer = tokenizer
+    @property
+    def row_types(self) -> set[str]:
+        return {source.get("type", "alpaca") for source in self.sources}
 
-    def load_rows(self) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-        """Load, check and split the rows (once); raises DataError on bad data."""
+    def connect(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Hand over the model's tokenizer: the one thing the data needs from the model side.
+        Chat data's template is checked here, before any row is tokenized."""
+        self.tokenizer = tokenizer
+        if "chat" in self.row_types:
+            self.chat_template = chat.resolve(tokenizer, self.chat_template_setting)
+
+    def load_rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Load, check, split and mix the rows (once); raises DataError on bad data."""
         if self.rows is None:
-            self.rows = split_rows(load_alpaca(self.sources), self.val_set_size, self.seed)
+            rows, owners = load_tagged(self.sources)
+            train, val = split_indices(len(rows), self.val_set_size, self.seed)
+            weights = [source.get("weight") for source in self.sources]
+            if weights[0] is not None:
+                train = mix(train, owners, weights, self.seed)
+                counts = [sum(owners[i] == s for i in train) for s in range(len(weights))]
+                log.info("mixed training rows by weight: %s per source", counts)
+            self.rows = [rows[i] for i in train], [rows[i] for i in val]
         return self.rows
+
+    def prompter(self) -> Prompter:
+        """Prompts for generation, tokenized as this data's rows were (after `connect`)."""
+        types = self.row_types
+        style = "chat" if "chat" in types else "alpaca" if "alpaca" in types else "completion"
+        return Prompter(self.tokenizer, style, self.chat_template)
 
     def settings(self) -> dict[str, Any]:
         """Every setting that changes the prepared data (the cache key includes them all)."""
@@ -124,12 +157,31 @@ class AlpacaDataModule(pl.LightningDataModule):
             "sample_packing": self.sample_packing,
             "overlong": self.overlong,
             "seed": self.seed,
+            # The rows are hashed too; these say how they were read and mixed.
+            "sources": [
+                {key: source.get(key) for key in ("type", "weight", "text_field", "field_messages")}
+                for source in self.sources
+            ],
+            "chat_template": self.chat_template.source if self.chat_template else None,
         }
 
-    def _prepare(self, rows: list[dict[str, str]], split: str) -> PreparedSplit:
-        examples, stats = tokenize_alpaca(
-            rows, self.tokenizer, self.sequence_len, self.train_on_inputs, self.overlong
+    def _prepare(self, rows: list[dict[str, Any]], split: str) -> PreparedSplit:
+        examples, stats = tokenize_rows(
+            rows,
+            self.tokenizer,
+            self.sequence_len,
+            self.train_on_inputs,
+            self.overlong,
+            self.chat_template,
+            split,
         )
+        if stats.split_documents:
+            log.info(
+                "%s: %d documents longer than sequence_len=%d continue over several rows",
+                split,
+                stats.split_documents,
+                self.sequence_len,
+            )
         dropped = stats.dropped_no_labels + stats.dropped_overlong
         if stats.truncated or dropped:
             log.warning(
@@ -153,7 +205,7 @@ class AlpacaDataModule(pl.LightningDataModule):
         if self.splits is not None:
             return
         if self.tokenizer is None:
-            raise RuntimeError("call AlpacaDataModule.connect(tokenizer) before setup()")
+            raise RuntimeError("call the data module's connect(tokenizer) before setup()")
         train_rows, val_rows = self.load_rows()
 
         def prepare() -> dict[str, PreparedSplit]:
@@ -250,3 +302,7 @@ class AlpacaDataModule(pl.LightningDataModule):
         # An empty list tells Lightning there is no validation (val_set_size: 0).
         val = self.dataset("validation")
         return self._loader(val, train=False) if val is not None else []
+
+
+# The class's earlier name, which run configs written before it changed still name.
+AlpacaDataModule = FineTuneDataModule

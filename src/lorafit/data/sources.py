@@ -1,4 +1,5 @@
-"""Load alpaca-format rows from the embedded demo set, local files or the Hub, and check them.
+"""Load rows from the embedded demo sets, local files (JSON, JSON Lines, parquet, CSV) or the
+Hub, and check them (lorafit.data.rows).
 
 Every problem is a `DataError` that names the source, the row and the field, raised before
 any model is loaded.
@@ -15,13 +16,13 @@ from typing import Any
 
 import datasets
 
+from lorafit.data.rows import check_source_settings, normalize
 from lorafit.errors import DataError
 
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-ALPACA_FIELDS = ("instruction", "input", "output")
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 def builtin_path(name: str) -> Path:
@@ -69,9 +70,11 @@ def _json_syntax_error(path: Path) -> str | None:
     return None
 
 
-def _load_hub(path: str, revision: str | None, split: str) -> datasets.Dataset:
+def _load_hub(
+    path: str, revision: str | None, split: str, name: str | None = None
+) -> datasets.Dataset:
     try:
-        return datasets.load_dataset(path, revision=revision, split=split)
+        return datasets.load_dataset(path, name, revision=revision, split=split)
     except Exception as error:  # noqa: BLE001 - network, auth and naming errors alike
         raise DataError(
             f"could not load Hub data set {path!r} (revision {revision or 'default'}, split "
@@ -96,63 +99,24 @@ def load_source(source: Mapping[str, Any]) -> tuple[datasets.Dataset, str]:
         if not local.is_file():
             raise DataError(f"data file not found: {local.resolve()} (from data.datasets path)")
         return _load_local(local), str(local)
-    return _load_hub(path, source.get("revision"), source.get("split", "train")), path
+    hub = _load_hub(path, source.get("revision"), source.get("split", "train"), source.get("name"))
+    return hub, path
 
 
-def check_alpaca_rows(rows: datasets.Dataset, name: str) -> None:
-    """Raise a `DataError` naming the first row whose fields are missing or of the wrong type."""
-    if len(rows) == 0:
-        raise DataError(f"{name}: the data set is empty")
-    for field in ("instruction", "output"):
-        if field not in rows.column_names:
-            raise DataError(
-                f"{name}: no row has the field {field!r} (fields found: "
-                f"{', '.join(rows.column_names)}); alpaca rows need instruction and output"
-            )
-    inputs = rows["input"] if "input" in rows.column_names else [None] * len(rows)
-    for index, (instruction, input_, output) in enumerate(
-        zip(rows["instruction"], inputs, rows["output"], strict=True)
-    ):
-        for field, value, required in (
-            ("instruction", instruction, True),
-            ("output", output, True),
-            ("input", input_, False),
-        ):
-            if value is None and required:
-                raise DataError(f"{name}: row {index} has no {field!r}")
-            if value is not None and not isinstance(value, str):
-                raise DataError(
-                    f"{name}: row {index} field {field!r} is {type(value).__name__}, not text"
-                )
-        if not instruction.strip():
-            raise DataError(f"{name}: row {index} has an empty 'instruction'")
-    empty = [i for i, output in enumerate(rows["output"]) if not output.strip()]
-    if empty:
-        # Kept (some data sets mean "no answer"), but such a row teaches only the EOS token.
-        log.warning(
-            "%s: %d row(s) have an empty 'output' (rows %s%s) and train on the end-of-sequence "
-            "token alone",
-            name,
-            len(empty),
-            ", ".join(map(str, empty[:5])),
-            ", ..." if len(empty) > 5 else "",
-        )
-
-
-def load_alpaca(sources: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-    """Load, check and concatenate every source into plain {instruction, input, output} rows."""
-    if not sources:
-        raise DataError("data.datasets is empty: name at least one data set")
-    rows: list[dict[str, str]] = []
-    for source in sources:
-        kind = source.get("type", "alpaca")
-        if kind != "alpaca":
-            raise DataError(f"data set {source.get('path')!r}: unknown type {kind!r}")
+def load_tagged(sources: Sequence[Mapping[str, Any]]) -> tuple[list[dict], list[int]]:
+    """Load, check and concatenate every source into plain rows (lorafit.data.rows), with the
+    index of the source each row came from (for the mixing weights)."""
+    check_source_settings(sources)
+    rows: list[dict] = []
+    owners: list[int] = []
+    for index, source in enumerate(sources):
         loaded, name = load_source(source)
-        check_alpaca_rows(loaded, name)
-        inputs = loaded["input"] if "input" in loaded.column_names else [""] * len(loaded)
-        rows.extend(
-            {"instruction": i, "input": x or "", "output": o}
-            for i, x, o in zip(loaded["instruction"], inputs, loaded["output"], strict=True)
-        )
-    return rows
+        plain = normalize(loaded, name, source)
+        rows += plain
+        owners += [index] * len(plain)
+    return rows, owners
+
+
+def load_rows(sources: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Every source's rows, checked, in their plain form, one source after the other."""
+    return load_tagged(sources)[0]

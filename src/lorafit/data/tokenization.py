@@ -1,24 +1,31 @@
-"""Turn prompt / response text into token ids and labels, the prompt masked from the loss."""
+"""Turn rows into token ids and labels: for alpaca and chat rows the prompt is masked from the
+loss, for completion rows every token is learned."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from lorafit.constants import IGNORE_INDEX
+from lorafit.data.chat import ChatTemplate, tokenize_conversation
 from lorafit.data.prompts import format_alpaca
+from lorafit.data.rows import row_type
+
+Example = dict[str, list[int]]
 
 
 @dataclass
 class TokenizeStats:
-    """What tokenization dropped or shortened, for the log."""
+    """What tokenization dropped, shortened or split, for the log."""
 
     examples: int = 0
     truncated: int = 0
     dropped_no_labels: int = 0
     dropped_overlong: int = 0
+    split_documents: int = 0  # completion documents continued over several examples
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -30,8 +37,120 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-# What happens to an example longer than sequence_len.
-OVERLONG_POLICIES = ("truncate", "drop")
+# What happens to an example longer than sequence_len. `split` continues a completion
+# document in the next example (as pretraining does); an alpaca or chat example, whose reply
+# means nothing without its prompt, is cut at the end as with `truncate`.
+OVERLONG_POLICIES = ("truncate", "drop", "split")
+
+
+def _alpaca_examples(
+    rows: Sequence[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool
+) -> list[Example]:
+    """The whole prompt + response is tokenized in one piece, so the response tokens are the
+    ones the model sees at inference after the same prompt; EOS ends it."""
+    prompts, responses = zip(*(format_alpaca(row) for row in rows), strict=True)
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    full_ids = tokenizer(
+        [p + r for p, r in zip(prompts, responses, strict=True)], add_special_tokens=True
+    )["input_ids"]
+    examples = []
+    for prompt, full in zip(prompt_ids, full_ids, strict=True):
+        ids = [*full, tokenizer.eos_token_id]
+        # If a token merged across the prompt/response boundary it counts as prompt.
+        n_prompt = _common_prefix(prompt, full)
+        labels = ids.copy() if train_on_inputs else [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+        examples.append({"input_ids": ids, "labels": labels})
+    return examples
+
+
+def _completion_examples(
+    rows: Sequence[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase
+) -> list[Example]:
+    """Each document as the tokenizer reads plain text (BOS where it adds one), EOS appended,
+    every token learned."""
+    ids_of = tokenizer([row["text"] for row in rows], add_special_tokens=True)["input_ids"]
+    return [
+        {"input_ids": [*ids, tokenizer.eos_token_id], "labels": [*ids, tokenizer.eos_token_id]}
+        for ids in ids_of
+    ]
+
+
+def split_document(ids: Sequence[int], sequence_len: int) -> list[list[int]]:
+    """A document in pieces of at most `sequence_len` tokens that overlap by one token: a
+    piece's first token is only context (it has no target), so starting it on the previous
+    piece's last token makes every token after the document's first a target exactly once."""
+    if len(ids) <= sequence_len:
+        return [list(ids)]
+    stride = sequence_len - 1
+    return [list(ids[start : start + sequence_len]) for start in range(0, len(ids) - 1, stride)]
+
+
+def _keep(example: Example, sequence_len: int, overlong: str, stats: TokenizeStats) -> list:
+    """The example as trained on: cut or dropped by `overlong`, dropped if nothing is learned."""
+    if len(example["input_ids"]) > sequence_len:
+        if overlong == "drop":
+            stats.dropped_overlong += 1
+            return []
+        example = {key: value[:sequence_len] for key, value in example.items()}
+        stats.truncated += 1
+    # The first position never has a target: logits at t predict the label at t + 1.
+    if all(label == IGNORE_INDEX for label in example["labels"][1:]):
+        stats.dropped_no_labels += 1
+        return []
+    return [example]
+
+
+def tokenize_rows(
+    rows: Sequence[Mapping[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    sequence_len: int,
+    train_on_inputs: bool = False,
+    overlong: str = "truncate",
+    chat_template: ChatTemplate | None = None,
+    split: str = "train",
+) -> tuple[list[Example], TokenizeStats]:
+    """Tokenize rows of any shape (lorafit.data.rows) into `input_ids` and `labels`.
+
+    alpaca: the prompt is masked (unless `train_on_inputs`), EOS ends the response. chat: the
+    conversation rendered with `chat_template`, only assistant turns learned (unless
+    `train_on_inputs`). completion: every token learned. Examples longer than `sequence_len`
+    follow `overlong` (OVERLONG_POLICIES, which the config checks hold it to); one left with
+    nothing to learn is dropped. The output keeps the rows' order, and a split document's
+    pieces stay together in order. `split` names the rows in errors.
+    """
+    positions: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        positions.setdefault(row_type(row), []).append(index)
+    whole: list[Example | None] = [None] * len(rows)
+    for kind, indices in positions.items():
+        chosen = [rows[i] for i in indices]
+        if kind == "alpaca":
+            made = _alpaca_examples(chosen, tokenizer, train_on_inputs)
+        elif kind == "completion":
+            made = _completion_examples(chosen, tokenizer)
+        else:
+            if chat_template is None:
+                raise ValueError("chat rows need a chat template")
+            made = [
+                tokenize_conversation(
+                    chat_template, row["messages"], train_on_inputs, f"{split} row {i}"
+                )
+                for i, row in zip(indices, chosen, strict=True)
+            ]
+        for index, example in zip(indices, made, strict=True):
+            whole[index] = example
+    stats = TokenizeStats()
+    examples: list[Example] = []
+    for row, example in zip(rows, whole, strict=True):
+        if overlong == "split" and row_type(row) == "completion":
+            pieces = split_document(example["input_ids"], sequence_len)
+            stats.split_documents += len(pieces) > 1
+            for piece in pieces:
+                examples += _keep({"input_ids": piece, "labels": piece}, sequence_len, "", stats)
+        else:
+            examples += _keep(example, sequence_len, overlong, stats)
+    stats.examples = len(examples)
+    return examples, stats
 
 
 def tokenize_alpaca(
@@ -40,38 +159,6 @@ def tokenize_alpaca(
     sequence_len: int,
     train_on_inputs: bool = False,
     overlong: str = "truncate",
-) -> tuple[list[dict[str, list[int]]], TokenizeStats]:
-    """Tokenize alpaca rows into `input_ids` and `labels`, EOS appended.
-
-    The whole prompt + response is tokenized in one piece, so the response tokens are the ones
-    the model sees at inference after the same prompt. Labels copy the ids except over the
-    prompt (unless `train_on_inputs`), where they are IGNORE_INDEX. Examples longer than
-    `sequence_len` are cut at the end (`overlong="truncate"`) or left out (`"drop"`); one whose
-    response is cut away entirely is dropped. (`overlong` is one of OVERLONG_POLICIES, which
-    the config checks hold it to.)
-    """
-    prompts, responses = zip(*(format_alpaca(row) for row in rows), strict=True)
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    full_ids = tokenizer(
-        [p + r for p, r in zip(prompts, responses, strict=True)], add_special_tokens=True
-    )["input_ids"]
-    stats = TokenizeStats()
-    examples = []
-    for prompt, full in zip(prompt_ids, full_ids, strict=True):
-        ids = [*full, tokenizer.eos_token_id]
-        # If a token merged across the prompt/response boundary it counts as prompt.
-        n_prompt = _common_prefix(prompt, full)
-        labels = ids.copy() if train_on_inputs else [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
-        if len(ids) > sequence_len:
-            if overlong == "drop":
-                stats.dropped_overlong += 1
-                continue
-            ids, labels = ids[:sequence_len], labels[:sequence_len]
-            stats.truncated += 1
-        # The first position never has a target: logits at t predict the label at t + 1.
-        if all(label == IGNORE_INDEX for label in labels[1:]):
-            stats.dropped_no_labels += 1
-            continue
-        examples.append({"input_ids": ids, "labels": labels})
-    stats.examples = len(examples)
-    return examples, stats
+) -> tuple[list[Example], TokenizeStats]:
+    """Alpaca rows alone (see `tokenize_rows`)."""
+    return tokenize_rows(rows, tokenizer, sequence_len, train_on_inputs, overlong)

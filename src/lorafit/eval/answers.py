@@ -1,5 +1,5 @@
 """generate.py's work: answer one prompt, a file of prompts, or a person at the terminal, with
-the model loaded once and the prompts put in the training template.
+the model loaded once and the prompts put in the training template (lorafit.data.prompter).
 
 Answers go to stdout and nothing else does (logs are on stderr), so the output pipes: one
 prompt gives its answer as plain text, several give one JSON object per line.
@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, TextIO
 
-from lorafit.data.prompts import alpaca_prompt
+from lorafit.data.prompter import Prompter
 from lorafit.errors import ConfigError
 
-Answer = Callable[[Sequence[str]], list[str]]  # templated prompts -> completions
+Answer = Callable[[Sequence[list[int]]], list[str]]  # prompt token ids -> completions
 
 
 def read_prompts(source: str, stdin: TextIO | None = None) -> list[dict[str, str]]:
@@ -49,26 +49,36 @@ def read_prompts(source: str, stdin: TextIO | None = None) -> list[dict[str, str
     return prompts
 
 
-def answer_all(prompts: Sequence[dict[str, str]], answer: Answer, out: IO[str]) -> None:
+def answer_all(
+    prompts: Sequence[dict[str, str]], answer: Answer, prompter: Prompter, out: IO[str]
+) -> None:
     """Answer every prompt (the model batches them) and write one JSON line each."""
-    completions = answer([alpaca_prompt(p["instruction"], p["input"]) for p in prompts])
+    completions = answer([prompter.ask(p["instruction"], p["input"]) for p in prompts])
     for prompt, completion in zip(prompts, completions, strict=True):
         out.write(json.dumps({**prompt, "output": completion}, ensure_ascii=False) + "\n")
     out.flush()
 
 
-def chat(answer: Answer, lines: Iterable[str], out: IO[str], ask: IO[str]) -> int:
-    """Answer each instruction typed at the terminal until an empty line or end of input.
-    Each turn stands alone: the training template has no earlier turns. Returns the turns."""
+def chat(answer: Answer, prompter: Prompter, lines: Iterable[str], out: IO[str], ask: IO[str]) -> int:
+    """Answer each line typed at the terminal until an empty line or end of input. With a
+    chat template the conversation so far comes with every turn; the alpaca template has no
+    earlier turns, so there each turn stands alone. Returns the turns."""
     turns = 0
+    history: list[dict[str, str]] = []
     ask.write("Type an instruction; an empty line or Ctrl-D ends.\n> ")
     ask.flush()
     for line in lines:
         if not line.strip():
             break
-        (completion,) = answer([alpaca_prompt(line.strip())])
-        out.write(completion.strip() + "\n")
+        (completion,) = answer([prompter.ask(line.strip(), history=history)])
+        completion = completion.strip()
+        out.write(completion + "\n")
         out.flush()
+        if prompter.keeps_history:
+            history += [
+                {"role": "user", "content": line.strip()},
+                {"role": "assistant", "content": completion},
+            ]
         turns += 1
         ask.write("> ")
         ask.flush()

@@ -19,8 +19,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
-from lorafit.data.datamodule import AlpacaDataModule
-from lorafit.data.prompts import alpaca_prompt
+from lorafit.data.datamodule import FineTuneDataModule
+from lorafit.data.prompter import Prompter
 from lorafit.errors import EvaluationError
 from lorafit.eval import report, text_metrics
 from lorafit.model.module import CausalLMModule, build_module
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def load_trained(
     cfg: DictConfig, overrides: Sequence[str] = ()
-) -> tuple[DictConfig, CausalLMModule, AlpacaDataModule, checkpoints.Checkpoint]:
+) -> tuple[DictConfig, CausalLMModule, FineTuneDataModule, checkpoints.Checkpoint]:
     """Build the model of `cfg.ckpt` with its trained weights, and its data module."""
     checkpoint = checkpoints.resolve(cfg.ckpt)
     cfg = checkpoints.merge_run_config(cfg, checkpoint, list(overrides))
@@ -52,20 +52,24 @@ def load_trained(
 @torch.no_grad()
 def generate(
     module: CausalLMModule,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    prompter: Prompter,
+    prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     do_sample: bool = False,
     temperature: float = 1.0,
     batch_size: int = 8,
 ) -> list[str]:
-    """Completions of `prompts` (already templated), without the prompt and special tokens."""
+    """Completions of `prompts` (token ids from `prompter`), without the prompt, the special
+    tokens and the template's end of turn."""
+    tokenizer = prompter.tokenizer
     tokenizer.padding_side = "left"  # generation continues from the right end of each row
+    stops = prompter.stop_strings
     completions: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(
-                list(prompts[start : start + batch_size]), return_tensors="pt", padding=True
+            batch = tokenizer.pad(
+                {"input_ids": [list(p) for p in prompts[start : start + batch_size]]},
+                return_tensors="pt",
             ).to(module.device)
             output = module.model.generate(
                 **batch,
@@ -75,13 +79,15 @@ def generate(
                 top_p=None,
                 top_k=None,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=prompter.stop_token_ids,
+                # A multi-token end of turn (chatml's markers to a tokenizer without them).
+                **({"stop_strings": stops, "tokenizer": tokenizer} if stops else {}),
             )
             new = output[:, batch["input_ids"].shape[1] :]
             completions += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
         tokenizer.padding_side = "right"
-    return completions
+    return [prompter.clean(completion) for completion in completions]
 
 
 def validation_metrics(cfg: DictConfig, module: CausalLMModule, datamodule: Any) -> dict:
@@ -122,13 +128,18 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, float]
             "there is no held-out split to evaluate on: set data.val_set_size above 0"
         )
     metrics = validation_metrics(cfg, module, datamodule)
-    rows = val_rows[: cfg.eval.max_samples]
-    prompts = [alpaca_prompt(r["instruction"], r["input"]) for r in rows]
-    references = [r["output"] for r in rows]
+    prompter = datamodule.prompter()
+    # Raw-text rows have no answer to score: they count in val/loss only.
+    rows = [row for row in val_rows if prompter.scorable(row)][: cfg.eval.max_samples]
+    if not rows:
+        log.info("the held-out rows are raw text: val/loss and val/ppl only, no answers scored")
+        _write_outputs(cfg, checkpoint, metrics, [], [], [])
+        return metrics
+    references = [prompter.reference(r) for r in rows]
     generations = generate(
         module,
-        datamodule.tokenizer,
-        prompts,
+        prompter,
+        [prompter.row_prompt(r) for r in rows],
         cfg.eval.max_new_tokens,
         cfg.eval.do_sample,
         cfg.eval.temperature,
@@ -145,10 +156,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, float]
             log.warning("classification metrics skipped: %s", error)
     metrics["samples"] = len(rows)
     # The report shows what was asked, not the template around it on every row.
-    asked = [
-        r["instruction"] + (f"\n\n{r['input']}" if (r.get("input") or "").strip() else "")
-        for r in rows
-    ]
+    asked = [prompter.asked(r) for r in rows]
     _write_outputs(cfg, checkpoint, metrics, asked, references, generations)
     return metrics
 
