@@ -74,9 +74,7 @@ class ChatTemplate:
             raise DataError(f"{SETTING}={self.name}: the template failed: {error}") from error
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.tokenizer(list(texts), add_special_tokens=self.add_special_tokens)[
-            "input_ids"
-        ]
+        return self.tokenizer(list(texts), add_special_tokens=self.add_special_tokens)["input_ids"]
 
     def prompt(self, messages: Messages) -> str:
         """The text a model is given to write the next assistant turn after `messages`."""

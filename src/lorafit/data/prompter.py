@@ -72,7 +72,10 @@ class Prompter:
         return row["instruction"] + (f"\n\n{extra}" if extra.strip() else "")
 
     def ask(
-        self, instruction: str, input: str = "", history: Sequence[Message] = ()  # noqa: A002
+        self,
+        instruction: str,
+        input: str = "",
+        history: Sequence[Message] = (),  # noqa: A002
     ) -> list[int]:
         """The prompt for a new instruction (after `history`, for chat)."""
         if self.style == "chat":

@@ -55,7 +55,9 @@ def check_source_settings(sources: Sequence[Mapping[str, Any]]) -> None:
             if key not in SOURCE_KEYS:
                 near = difflib.get_close_matches(str(key), SOURCE_KEYS, n=1, cutoff=0.6)
                 hint = f"; did you mean {near[0]}?" if near else ""
-                raise DataError(f"{where}.{key}: unknown key{hint} (known: {', '.join(SOURCE_KEYS)})")
+                raise DataError(
+                    f"{where}.{key}: unknown key{hint} (known: {', '.join(SOURCE_KEYS)})"
+                )
         if not isinstance(source.get("path"), str) or not source["path"]:
             raise DataError(f"{where}.path: name a file, a Hub data set or builtin:<name>")
         kind = source.get("type", "alpaca")

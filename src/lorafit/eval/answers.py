@@ -59,7 +59,9 @@ def answer_all(
     out.flush()
 
 
-def chat(answer: Answer, prompter: Prompter, lines: Iterable[str], out: IO[str], ask: IO[str]) -> int:
+def chat(
+    answer: Answer, prompter: Prompter, lines: Iterable[str], out: IO[str], ask: IO[str]
+) -> int:
     """Answer each line typed at the terminal until an empty line or end of input. With a
     chat template the conversation so far comes with every turn; the alpaca template has no
     earlier turns, so there each turn stands alone. Returns the turns."""

@@ -17,7 +17,6 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from transformers import PreTrainedTokenizerBase
 
 from lorafit.data.datamodule import FineTuneDataModule
 from lorafit.data.prompter import Prompter
