@@ -22,6 +22,7 @@ from lorafit.errors import ConfigError
 from lorafit.folders import writable_folder
 from lorafit.model.module import CausalLMModule, build_module
 from lorafit.model.shape_checks import check_model_fits
+from lorafit.model.sources import set_special_tokens
 from lorafit.runs.checkpoints import check_adapter_folder
 from lorafit.runs.resume import check_matches, checkpoint_path, fingerprint
 from lorafit.runs.tracking import finish as finish_trackers
@@ -129,7 +130,8 @@ def build_run(cfg: DictConfig) -> Run:
     check_model_fits(cfg)  # LoRA targets and positions, from the model's shape alone
     if cfg.adapter.get("lora_model_dir"):
         check_adapter_folder(Path(cfg.adapter.lora_model_dir), "adapter.lora_model_dir")
-    datamodule.connect(instantiate(cfg.model.source).load_tokenizer())
+    tokenizer = instantiate(cfg.model.source).load_tokenizer()
+    datamodule.connect(set_special_tokens(tokenizer, cfg.model.get("special_tokens")))
     datamodule.setup("fit")  # tokenize and pack now: data that cannot train fails here
     _fit_validation_interval(cfg, datamodule)
     _fit_checkpoint_interval(cfg, datamodule)

@@ -11,11 +11,13 @@ quantization included.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +34,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lorafit.errors import ModelSourceError
+from lorafit.errors import ConfigError, ModelSourceError
 from lorafit.folders import publish
 
 MISTRAL_VOCAB_SIZE = 32000
+# The special tokens a tokenizer has a slot for (model.special_tokens.<name>).
+SPECIAL_TOKEN_NAMES = (
+    "bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token",
+)  # fmt: skip
 
 
 # Part of every converted model's cache key: raise it when a conversion changes what it writes,
@@ -88,6 +94,56 @@ def _with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBa
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def set_special_tokens(
+    tokenizer: PreTrainedTokenizerBase, special_tokens: Mapping[str, str] | None
+) -> PreTrainedTokenizerBase:
+    """Make tokens of the vocabulary the tokenizer's special tokens (`model.special_tokens`,
+    Axolotl's special_tokens), e.g. {pad_token: "</s>"}.
+
+    Only tokens the vocabulary already has: a new one would need a new embedding row, and
+    lorafit trains adapters over the base model's embeddings as they are.
+    """
+    if not special_tokens:
+        return tokenizer
+    vocabulary = tokenizer.get_vocab()
+    replaced = {getattr(tokenizer, f"{name}_id", None) for name in special_tokens}
+    for name, token in special_tokens.items():
+        key = f"model.special_tokens.{name}"
+        if name not in SPECIAL_TOKEN_NAMES:
+            near = difflib.get_close_matches(str(name), SPECIAL_TOKEN_NAMES, n=1, cutoff=0.5)
+            hint = f"did you mean {near[0]}? " if near else ""
+            known = ", ".join(SPECIAL_TOKEN_NAMES)
+            raise ConfigError(f"{key}: not a special token; {hint}(known: {known})")
+        if not isinstance(token, str) or token not in vocabulary:
+            raise ConfigError(
+                f"{key}={token!r} is not in the tokenizer's vocabulary: only existing tokens can "
+                "become special tokens; adding new tokens (which would need resizing the "
+                "embeddings) is not supported"
+            )
+        setattr(tokenizer, name, token)
+    if hasattr(tokenizer, "update_post_processor"):
+        tokenizer.update_post_processor()  # the BOS / EOS it adds follow the new ones
+    _check_added_tokens(tokenizer, special_tokens, replaced)
+    return tokenizer
+
+
+def _check_added_tokens(
+    tokenizer: PreTrainedTokenizerBase, special_tokens: Mapping, replaced: set[int | None]
+) -> None:
+    """A tokenizer whose template cannot follow a new BOS / EOS would keep adding the replaced
+    one to every example: refused rather than trained on silently."""
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    added = [i for i in tokenizer("a").input_ids if i not in plain]
+    current = {getattr(tokenizer, f"{name}_id", None) for name in SPECIAL_TOKEN_NAMES}
+    stale = [i for i in added if i in replaced and i not in current]
+    if stale:
+        names = ", ".join(f"model.special_tokens.{name}" for name in special_tokens)
+        raise ConfigError(
+            f"{names}: this tokenizer still adds {tokenizer.convert_ids_to_tokens(stale)} to "
+            "every text and cannot be switched to the new special tokens"
+        )
 
 
 def _file_digest(path: Path, length: int = 16) -> str:
