@@ -34,3 +34,18 @@ def test_quickstart_runs_end_to_end(tmp_path):
     adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 16 and adapter_config["lora_alpha"] == 32
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_the_quickstart_on_conversations_learns(tmp_path):
+    overrides = [
+        "experiment=quickstart",
+        "data=demo_chat",  # the one override the README names
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=8",
+        "trainer.limit_val_batches=1",
+        "callbacks.progress_bar=null",
+        "trainer.enable_progress_bar=false",
+    ]
+    train(compose_config(overrides, tmp_path))
+    untrained, trained = logged(tmp_path, "val/loss")
+    assert trained < 0.5 * untrained

@@ -21,7 +21,10 @@ from lorafit.runs.checkpoints import read_checkpoint
 from lorafit.runs.locate import RUNS, locate
 
 ADAPTER_SHAPE = ("_target_", "r", "alpha", "target_linear", "target_modules", "quantization")
-DATA_SHAPE = ("sequence_len", "sample_packing", "train_on_inputs", "val_set_size", "seed")
+DATA_SHAPE = (
+    "sequence_len", "sample_packing", "train_on_inputs", "val_set_size", "seed", "overlong",
+    "chat_template",
+)  # fmt: skip
 
 
 def checkpoint_path(value: str | None, runs: Path = RUNS) -> Path | None:
@@ -50,7 +53,8 @@ def check_matches(path: Path, current: dict[str, Any], force: bool) -> None:
         return
     differences = [
         f"{key}: checkpoint {saved.get(key)} != now {current.get(key)}"
-        for key in sorted(set(saved) | set(current))
+        # A key the checkpoint lacks was not yet recorded when it was written.
+        for key in sorted(saved)
         if saved.get(key) != current.get(key)
     ]
     if differences:
