@@ -85,6 +85,21 @@ def test_a_hub_model_card_names_the_base_model_and_data(tmp_path):
     assert front["base_model"] == "mistralai/Mistral-7B-v0.1"
     assert front["datasets"] == ["mhenrichsen/alpaca_2k_test"] and "qlora" in front["tags"]
     assert "of a 4-bit NF4 base (QLoRA)" in str(card)
+    assert "Stanford Alpaca template" in str(card)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["data=demo_chat"], "conversations in the tokenizer's own chat template"),
+        (["data=demo_chat", "data.chat_template=chatml"], "in the `chatml` chat template"),
+        (["data=completion", "data.datasets.0.path=c.jsonl"], "continues raw text"),
+    ],
+)
+def test_the_card_says_how_to_prompt_the_model(tmp_path, overrides, says):
+    cfg = compose_config(overrides, tmp_path)
+    card = model_card(tmp_path, cfg, "adapter", "a/b")
+    assert says in str(card)
 
 
 def test_an_unreachable_hub_is_one_error_naming_the_repository(run, monkeypatch):

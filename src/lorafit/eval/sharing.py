@@ -57,6 +57,20 @@ def _table(rows: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def _prompt_format(data: DictConfig) -> str:
+    """How the model expects to be prompted: the format its data taught it."""
+    types = {d.get("type", "alpaca") for d in data.datasets}
+    if "chat" in types:
+        template = data.get("chat_template", "tokenizer_default")
+        named = "the tokenizer's own" if template == "tokenizer_default" else f"the `{template}`"
+        if template not in ("tokenizer_default", "chatml"):
+            named = "a custom"
+        return f"Prompt it with conversations in {named} chat template; it learned the replies."
+    if "alpaca" in types:
+        return "Prompt it with the Stanford Alpaca template (### Instruction: ... ### Response:)."
+    return "It continues raw text (trained on documents, no prompt template)."
+
+
 def model_card(run_dir: Path, run: DictConfig, what: str, repo_id: str) -> ModelCard:
     """The card of a run's adapter or merged model."""
     source = run.model.source
@@ -95,6 +109,8 @@ def model_card(run_dir: Path, run: DictConfig, what: str, repo_id: str) -> Model
         "",
         f"{'A LoRA adapter for' if what == 'adapter' else 'A fine-tune of'} {base_text}, "
         f"trained with lorafit on {', '.join(f'`{d}`' for d in datasets)}.",
+        "",
+        _prompt_format(run.data),
         "",
         "## Training",
         "",
