@@ -14,7 +14,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from lorafit.config_checks import check_config, check_machine, devices_count
 from lorafit.data.datamodule import FineTuneDataModule
@@ -84,27 +84,6 @@ def _fit_validation_interval(cfg: DictConfig, datamodule: FineTuneDataModule) ->
         cfg.trainer.val_check_interval = batches
 
 
-def _fit_checkpoint_interval(cfg: DictConfig, datamodule: FineTuneDataModule) -> None:
-    """A checkpoint callback's `saves_per_epoch` (Axolotl's saves_per_epoch) becomes the step
-    interval ModelCheckpoint takes, which needs the epoch's length: known only now."""
-    for name, entry in (cfg.get("callbacks") or {}).items():
-        if entry is None or "saves_per_epoch" not in entry:
-            continue
-        with open_dict(entry):  # not an argument of the callback: it is replaced, not passed
-            saves = entry.pop("saves_per_epoch")
-        if saves is None:
-            continue
-        steps = datamodule.optimizer_steps_per_epoch(devices_count(cfg.trainer))
-        entry.every_n_train_steps = max(1, steps // saves)
-        log.info(
-            "callbacks.%s.saves_per_epoch=%d: a checkpoint every %d of the epoch's %d steps",
-            name,
-            saves,
-            entry.every_n_train_steps,
-            steps,
-        )
-
-
 @dataclass
 class Run:
     """What a run is made of, wired from one config and not yet fitted."""
@@ -134,7 +113,6 @@ def build_run(cfg: DictConfig) -> Run:
     datamodule.connect(set_special_tokens(tokenizer, cfg.model.get("special_tokens")))
     datamodule.setup("fit")  # tokenize and pack now: data that cannot train fails here
     _fit_validation_interval(cfg, datamodule)
-    _fit_checkpoint_interval(cfg, datamodule)
     resume = checkpoint_path(cfg.resume_from_checkpoint)
     run_fingerprint = fingerprint(cfg, datamodule.load_rows())
     if resume is not None:

@@ -1,5 +1,5 @@
 """callbacks.model_checkpoint.saves_per_epoch (N checkpoints an epoch, the interval worked out
-once the data is loaded) and callbacks.early_stopping (off by default, on by override)."""
+when the run starts) and callbacks.early_stopping (off by default, on by override)."""
 
 from __future__ import annotations
 
@@ -22,28 +22,31 @@ EARLY_STOPPING = (
 
 def test_saves_per_epoch_becomes_a_step_interval_and_checkpoints_land_there(tmp_path):
     overrides = [*TINY, *SHORT_EPOCH, "callbacks.model_checkpoint.saves_per_epoch=3"]
-    run = build_run(
-        compose_config([*overrides, "callbacks.model_checkpoint.save_top_k=-1"], tmp_path)
-    )
+    overrides += ["callbacks.model_checkpoint.save_top_k=-1"]
+    run = build_run(compose_config(overrides, tmp_path))
     assert run.datamodule.optimizer_steps_per_epoch(1) == 6
-    assert run.trainer.checkpoint_callback._every_n_train_steps == 2
-    # The run's record says what was used: the interval, not the option it came from.
-    saved = OmegaConf.load(tmp_path / "config.yaml").callbacks.model_checkpoint
-    assert saved.every_n_train_steps == 2 and "saves_per_epoch" not in saved
     run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert run.trainer.checkpoint_callback._every_n_train_steps == 2
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step*.ckpt"))
     assert names == ["step000002.ckpt", "step000004.ckpt", "step000006.ckpt"]
+    # The run's record keeps the option it was given.
+    saved = OmegaConf.load(tmp_path / "config.yaml").callbacks.model_checkpoint
+    assert saved.saves_per_epoch == 3
 
 
 def test_more_saves_than_steps_saves_every_step(tmp_path):
     overrides = [*TINY, *SHORT_EPOCH, "callbacks.model_checkpoint.saves_per_epoch=50"]
-    run = build_run(compose_config(overrides, tmp_path))
+    run = build_run(compose_config([*overrides, "trainer.max_steps=1"], tmp_path))
+    run.trainer.fit(run.module, datamodule=run.datamodule)
     assert run.trainer.checkpoint_callback._every_n_train_steps == 1
+    assert (tmp_path / "checkpoints" / "step000001.ckpt").is_file()
 
 
 def test_saves_per_epoch_is_off_by_default(tmp_path):
     run = build_run(compose_config([*TINY, "trainer.max_steps=1"], tmp_path))
     assert run.trainer.checkpoint_callback._every_n_train_steps == 50
+    # Filed under Lightning's class name: runs saved before resume with their retention state.
+    assert run.trainer.checkpoint_callback.state_key.startswith("ModelCheckpoint{")
 
 
 @pytest.mark.parametrize(

@@ -8,15 +8,52 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import callbacks
 from lightning.pytorch.utilities import rank_zero_only
 
-from lorafit.errors import LossDivergedError
+from lorafit.errors import ConfigError, LossDivergedError
 
 log = logging.getLogger(__name__)
 
 
-class BestCheckpoint(ModelCheckpoint):
+class ModelCheckpoint(callbacks.ModelCheckpoint):
+    """Lightning's ModelCheckpoint, which can also save `saves_per_epoch` times an epoch
+    (Axolotl's saves_per_epoch): every_n_train_steps becomes the epoch's optimizer steps // N
+    (at least 1), worked out when the run starts and the data's size is known.
+
+    The same class name as Lightning's on purpose: a callback's saved state is filed under its
+    class name, so runs checkpointed with either resume with the other.
+
+    Args:
+        saves_per_epoch: Checkpoints an epoch; None keeps every_n_train_steps as given.
+        **kwargs: Lightning's ModelCheckpoint arguments.
+    """
+
+    def __init__(self, saves_per_epoch: int | None = None, **kwargs: Any):
+        if saves_per_epoch is not None:
+            kwargs["every_n_train_steps"] = None  # replaced in setup
+        super().__init__(**kwargs)
+        self.saves_per_epoch = saves_per_epoch
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.saves_per_epoch is None or stage != "fit":
+            return
+        datamodule = getattr(trainer, "datamodule", None)
+        if not hasattr(datamodule, "optimizer_steps_per_epoch"):
+            raise ConfigError("saves_per_epoch needs lorafit's data module to size the epoch")
+        steps = datamodule.optimizer_steps_per_epoch(trainer.world_size)
+        self._every_n_train_steps = max(1, steps // self.saves_per_epoch)
+        self._every_n_epochs = 0
+        log.info(
+            "saves_per_epoch=%d: a checkpoint every %d of the epoch's %d optimizer steps",
+            self.saves_per_epoch,
+            self._every_n_train_steps,
+            steps,
+        )
+
+
+class BestCheckpoint(callbacks.ModelCheckpoint):
     """A ModelCheckpoint whose best score survives a resume into a new run folder.
 
     Lightning restores the best score only when the checkpoint folder is unchanged, and a
