@@ -1,7 +1,7 @@
 """Chat templates: conversations rendered the way the model will see them, and the assistant
 turns found in the rendering so that only they are learned.
 
-A turn is located by rendering the conversation up to it with the generation prompt (the text
+A turn is located (lorafit.data.tokenization.tokenize_conversation) by rendering the conversation up to it with the generation prompt (the text
 a model is given before it replies) and the conversation through it: the reply is what lies
 between the two. That only works for a template whose rendering of a conversation begins with
 its rendering of the earlier turns, and that marks the assistant's turns at all; `resolve`
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from lorafit.constants import IGNORE_INDEX
 from lorafit.errors import DataError
 
 TOKENIZER_DEFAULT = "tokenizer_default"
@@ -113,52 +112,6 @@ def resolve(tokenizer: PreTrainedTokenizerBase, setting: str) -> ChatTemplate:
         )
     end = reply[reply.index(_PROBE_REPLY) + len(_PROBE_REPLY) :].strip()
     return ChatTemplate(tokenizer, template.source, template.name, template.add_special_tokens, end)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def tokenize_conversation(
-    template: ChatTemplate, messages: Messages, train_on_inputs: bool, where: str
-) -> dict[str, list[int]]:
-    """`input_ids` of the rendered conversation; `labels` keep only the assistant turns
-    (each reply and the template's end-of-turn after it), or everything with
-    `train_on_inputs`. A turn that cannot be located is a DataError naming `where`."""
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    full = template.render(messages)
-    texts = [full]
-    for i in turns:
-        texts += [template.prompt(messages[:i]), template.render(messages[: i + 1])]
-    for n, text in enumerate(texts[1:]):
-        if not full.startswith(text):
-            raise DataError(
-                f"{where}: the chat template renders the conversation differently from its "
-                f"first turns, so assistant message {turns[n // 2]} cannot be located"
-            )
-    full_ids, *parts = template.encode(texts)
-    if train_on_inputs:
-        return {"input_ids": full_ids, "labels": list(full_ids)}
-    labels = [IGNORE_INDEX] * len(full_ids)
-    for n, turn in enumerate(turns):
-        prompt_ids, through_ids = parts[2 * n], parts[2 * n + 1]
-        # A token merged across the prompt / reply boundary counts as prompt, as for alpaca.
-        start = _common_prefix(prompt_ids, full_ids)
-        end = _common_prefix(through_ids, full_ids)
-        if end <= start:
-            raise DataError(f"{where}: assistant message {turn} renders to no token")
-        labels[start:end] = full_ids[start:end]
-    if all(label != IGNORE_INDEX for label in labels[1:]):
-        raise DataError(
-            f"{where}: the chat template leaves nothing but assistant text, so nothing would "
-            "be masked; use a template with role markers"
-        )
-    return {"input_ids": full_ids, "labels": labels}
 
 
 def prompt_and_reference(messages: Messages) -> tuple[list[Mapping[str, str]], str]:

@@ -10,9 +10,10 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from lorafit.constants import IGNORE_INDEX
-from lorafit.data.chat import ChatTemplate, tokenize_conversation
+from lorafit.data.chat import ChatTemplate, Messages
 from lorafit.data.prompts import format_alpaca
 from lorafit.data.rows import row_type
+from lorafit.errors import DataError
 
 Example = dict[str, list[int]]
 
@@ -73,6 +74,43 @@ def _completion_examples(
         {"input_ids": [*ids, tokenizer.eos_token_id], "labels": [*ids, tokenizer.eos_token_id]}
         for ids in ids_of
     ]
+
+
+def tokenize_conversation(
+    template: ChatTemplate, messages: Messages, train_on_inputs: bool, where: str
+) -> dict[str, list[int]]:
+    """`input_ids` of the rendered conversation; `labels` keep only the assistant turns
+    (each reply and the template's end-of-turn after it), or everything with
+    `train_on_inputs`. A turn that cannot be located is a DataError naming `where`."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    full = template.render(messages)
+    texts = [full]
+    for i in turns:
+        texts += [template.prompt(messages[:i]), template.render(messages[: i + 1])]
+    for n, text in enumerate(texts[1:]):
+        if not full.startswith(text):
+            raise DataError(
+                f"{where}: the chat template renders the conversation differently from its "
+                f"first turns, so assistant message {turns[n // 2]} cannot be located"
+            )
+    full_ids, *parts = template.encode(texts)
+    if train_on_inputs:
+        return {"input_ids": full_ids, "labels": list(full_ids)}
+    labels = [IGNORE_INDEX] * len(full_ids)
+    for n, turn in enumerate(turns):
+        prompt_ids, through_ids = parts[2 * n], parts[2 * n + 1]
+        # A token merged across the prompt / reply boundary counts as prompt, as for alpaca.
+        start = _common_prefix(prompt_ids, full_ids)
+        end = _common_prefix(through_ids, full_ids)
+        if end <= start:
+            raise DataError(f"{where}: assistant message {turn} renders to no token")
+        labels[start:end] = full_ids[start:end]
+    if all(label != IGNORE_INDEX for label in labels[1:]):
+        raise DataError(
+            f"{where}: the chat template leaves nothing but assistant text, so nothing would "
+            "be masked; use a template with role markers"
+        )
+    return {"input_ids": full_ids, "labels": labels}
 
 
 def split_document(ids: Sequence[int], sequence_len: int) -> list[list[int]]:
