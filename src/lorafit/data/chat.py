@@ -1,12 +1,13 @@
 """Chat templates: conversations rendered the way the model will see them, and the assistant
 turns found in the rendering so that only they are learned.
 
-A turn is located (lorafit.data.tokenization.tokenize_conversation) by rendering the conversation up to it with the generation prompt (the text
+A turn is located by rendering the conversation up to it with the generation prompt (the text
 a model is given before it replies) and the conversation through it: the reply is what lies
-between the two. That only works for a template whose rendering of a conversation begins with
-its rendering of the earlier turns, and that marks the assistant's turns at all; `resolve`
-probes the template for both before any row is tokenized, so a template that cannot locate
-the replies is an error, never a silently all-masked or all-learned label set.
+between the two (lorafit.data.tokenization.tokenize_conversation). That only works for a
+template whose rendering of a conversation begins with its rendering of the earlier turns,
+and that marks the assistant's turns at all; `resolve` probes the template for both before
+any row is tokenized, so a template that cannot locate the replies is an error, never a
+silently all-masked or all-learned label set.
 """
 
 from __future__ import annotations
