@@ -19,7 +19,10 @@ from lorafit.strict_config import ALIASES
 # conf/_base holds what the options of a group share; it is not a group to choose from.
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_"))
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF_DIR / g).glob("*.yaml"))]
-NEEDS_VALUE = {("data", "local"): ["data.datasets.0.path=rows.jsonl"]}
+NEEDS_VALUE = {
+    ("data", option): ["data.datasets.0.path=rows.jsonl"]
+    for option in ("local", "chat", "completion")
+}
 
 
 def test_every_group_has_options():

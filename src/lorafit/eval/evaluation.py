@@ -23,6 +23,7 @@ from lorafit.data.prompter import Prompter
 from lorafit.errors import EvaluationError
 from lorafit.eval import report, text_metrics
 from lorafit.model.module import CausalLMModule, build_module
+from lorafit.model.sources import set_special_tokens
 from lorafit.runs import checkpoints
 from lorafit.runs.strategies import StayOnDevice
 
@@ -37,7 +38,8 @@ def load_trained(
     cfg = checkpoints.merge_run_config(cfg, checkpoint, list(overrides))
     datamodule = instantiate(cfg.data)
     datamodule.load_rows()
-    datamodule.connect(instantiate(cfg.model.source).load_tokenizer())
+    tokenizer = instantiate(cfg.model.source).load_tokenizer()
+    datamodule.connect(set_special_tokens(tokenizer, cfg.model.get("special_tokens")))
     pl.seed_everything(cfg.seed)
     use_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")

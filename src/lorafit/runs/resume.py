@@ -40,6 +40,10 @@ def fingerprint(cfg: DictConfig, rows: Any) -> dict[str, Any]:
     content = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
     return {
         "model": json.dumps(OmegaConf.to_container(cfg.model.source, resolve=True), sort_keys=True),
+        "model.special_tokens": json.dumps(
+            OmegaConf.to_container(cfg.model, resolve=True).get("special_tokens") or {},
+            sort_keys=True,
+        ),
         **{f"adapter.{k}": json.dumps(adapter.get(k), sort_keys=True) for k in ADAPTER_SHAPE},
         **{f"data.{k}": json.dumps(data.get(k)) for k in DATA_SHAPE},
         "data.content": content,
