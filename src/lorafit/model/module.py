@@ -16,6 +16,7 @@ from torchmetrics import MeanMetric
 from lorafit.constants import FINGERPRINT_KEY
 from lorafit.errors import ConfigError
 from lorafit.model.adapters import trainable_parameters
+from lorafit.model.fused_loss import linear_cross_entropy_sum
 from lorafit.model.isolation import IsolationReport, check_isolation
 from lorafit.model.losses import token_loss_sum
 from lorafit.model.quantization import check_bitsandbytes, disable_cpu_weight_repacking
@@ -112,9 +113,34 @@ class CausalLMModule(pl.LightningModule):
             use_cache=False,
         ).logits
 
+    def _output_layer(self) -> tuple[torch.nn.Module, torch.Tensor] | None:
+        """The decoder and the output layer's weight, when the fused loss can stand in for the
+        model's own head: a plain linear layer, no bias, no logit scaling or capping."""
+        causal_lm = (
+            self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        )
+        head = causal_lm.get_output_embeddings()
+        config = causal_lm.config
+        if (
+            type(head) is not torch.nn.Linear
+            or head.bias is not None
+            or getattr(config, "final_logit_softcapping", None) is not None
+            or getattr(config, "logit_scale", None) is not None
+        ):
+            return None
+        return causal_lm.get_decoder(), head.weight
+
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
-        return token_loss_sum(logits, batch["labels"])
+        inputs = (batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        chunk = self.hparams.model.get("loss_chunk_size")
+        fused = self._output_layer() if chunk else None
+        if fused is None:
+            return token_loss_sum(self(*inputs), batch["labels"])
+        decoder, weight = fused
+        hidden = decoder(
+            input_ids=inputs[0], attention_mask=inputs[1], position_ids=inputs[2], use_cache=False
+        ).last_hidden_state
+        return linear_cross_entropy_sum(hidden, weight, batch["labels"], chunk)
 
     def on_fit_start(self) -> None:
         # Prove on real rows, with this model and attention backend, that packed examples do
