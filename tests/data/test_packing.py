@@ -59,7 +59,7 @@ def test_packed_rows_conserve_every_token(demo_examples):
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa_packed", "eager"])
 def test_packed_loss_and_logits_equal_examples_run_alone(demo_examples, attn, checkpointing, mode):
     module = packed_test_module(attn, checkpointing).train(mode == "train")
     packed = PackedExamples(demo_examples, pack_rows(demo_examples.lengths().tolist(), 256))

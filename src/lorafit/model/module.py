@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric
 
 from lorafit.constants import FINGERPRINT_KEY
 from lorafit.errors import ConfigError
+from lorafit.model import packed_attention
 from lorafit.model.adapters import trainable_parameters
 from lorafit.model.fused_loss import linear_cross_entropy_sum
 from lorafit.model.isolation import IsolationReport, check_isolation
@@ -90,6 +91,7 @@ class CausalLMModule(pl.LightningModule):
 
     @staticmethod
     def _load_base(spec: dict[str, Any], adapter: Any, device: torch.device) -> torch.nn.Module:
+        packed_attention.register()
         return instantiate(spec["source"]).load_model(
             dtype=getattr(torch, spec["dtype"]),
             quantization_config=adapter.quantization,
