@@ -1,0 +1,413 @@
+"""One variant of bench/peers.py, run in a process of its own so that its peak memory is its own.
+
+    python bench/peer_worker.py SPEC.json RESULT.json
+
+SPEC names the variant (lorafit packed / unpacked, transformers Trainer padded / flattened, TRL
+SFTTrainer packed) and the lorafit Hydra overrides every variant shares. The peers read model,
+LoRA, optimizer, precision and data settings from the same composed lorafit config, so nothing
+differs between variants but the training loop. Every variant is timed by the same StepMeter,
+fed at the end of each optimizer step by a Lightning or a transformers callback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+IGNORE_INDEX = -100
+
+
+def compose(overrides: list[str], output_dir: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("train", overrides=[*overrides, f"output_dir={output_dir}"])
+
+
+class StepMeter:
+    """Times whole optimizer steps, identically for every trainer.
+
+    `step_end` is called once an optimizer step (with its zero_grad) has finished; the timed
+    window runs from the end of the last warm-up step to the end of the last step, so data
+    loading, collation, the optimizer and everything else between steps are inside it.
+    With `profile`, torch.profiler records the two steps after the warm-up.
+    """
+
+    def __init__(self, warmup: int, cuda: bool, profile: bool):
+        self.warmup = warmup
+        self.cuda = cuda
+        self.profile = profile
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self.losses: list[float] = []
+        self._pending_tokens = 0
+        self._profiler = None
+        self.profile_table: str | None = None
+
+    def add_tokens(self, count: int) -> None:
+        self._pending_tokens += int(count)
+
+    def step_end(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()  # the step's kernels have run, not merely been queued
+        self.times.append(time.perf_counter())
+        self.tokens.append(self._pending_tokens)
+        self._pending_tokens = 0
+        done = len(self.times)
+        if self.profile and done == self.warmup:
+            self._start_profiler()
+        elif self._profiler is not None and done == self.warmup + 2:
+            self._stop_profiler()
+
+    def _start_profiler(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profiler = profile(activities=[ProfilerActivity.CPU])
+        self._profiler.start()
+
+    def _stop_profiler(self) -> None:
+        self._profiler.stop()
+        averages = self._profiler.key_averages()
+        self.profile_table = averages.table(sort_by="self_cpu_time_total", row_limit=25)
+        self._profiler = None
+
+    def summary(self) -> dict[str, Any]:
+        timed = slice(self.warmup, None)
+        steps = len(self.times) - self.warmup
+        if self.warmup < 1 or steps < 1:
+            raise RuntimeError(f"{len(self.times)} steps ran; need {self.warmup} warm-up + 1")
+        elapsed = self.times[-1] - self.times[self.warmup - 1]
+        tokens = sum(self.tokens[timed])
+        losses = self.losses[timed]
+        return {
+            "steps": steps,
+            "seconds": elapsed,
+            "tokens": tokens,
+            "tokens_per_s": tokens / elapsed,
+            "tokens_per_step": tokens / steps,
+            "mean_loss": sum(losses) / len(losses) if losses else math.nan,
+            "step_losses": self.losses,
+            "step_tokens": self.tokens,
+        }
+
+
+# ---------------------------------------------------------------- data shared by the peers
+
+
+_EXAMPLES: dict[int, tuple[list[dict], list[dict]]] = {}
+
+
+def load_examples(cfg) -> tuple[list[dict], list[dict]]:
+    """The rows and lorafit's own tokenization of them (prompt masked, EOS, at most
+    sequence_len tokens), so the peers train on exactly lorafit's examples."""
+    if cfg.data.sequence_len in _EXAMPLES:
+        return _EXAMPLES[cfg.data.sequence_len]
+    from hydra.utils import instantiate
+
+    from lorafit.data.sources import load_rows
+    from lorafit.data.tokenization import tokenize_rows
+
+    rows = load_rows([dict(source) for source in cfg.data.datasets])
+    tokenizer = instantiate(cfg.model.source).load_tokenizer()
+    examples, _ = tokenize_rows(
+        rows,
+        tokenizer,
+        cfg.data.sequence_len,
+        cfg.data.train_on_inputs,
+        cfg.data.overlong,
+    )
+    _EXAMPLES[cfg.data.sequence_len] = rows, examples
+    return rows, examples
+
+
+def examples_per_step(cfg) -> int:
+    """How many examples a packed row of sequence_len holds on average, rounded: the padded
+    and flattened variants take that many a step, so every variant sees about as many tokens
+    a step."""
+    from lorafit.data.packing import pack_rows
+
+    _, examples = load_examples(cfg)
+    rows = pack_rows([len(e["input_ids"]) for e in examples], cfg.data.sequence_len)
+    return max(1, round(len(examples) / len(rows)))
+
+
+def model_size(cfg) -> int:
+    """Parameters that cost a multiply-add per token: the base model's, less an untied input
+    embedding (a lookup). Counted on the meta device, so a 4-bit load's packing does not
+    halve it."""
+    import torch
+    from hydra.utils import instantiate
+    from transformers import AutoModelForCausalLM
+
+    config = instantiate(cfg.model.source).load_config()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    if embedding is not model.get_output_embeddings().weight:
+        total -= embedding.numel()
+    return total
+
+
+# ---------------------------------------------------------------- lorafit
+
+
+def run_lorafit(spec: dict, cfg, meter: StepMeter) -> None:
+    from lightning.pytorch.callbacks import Callback
+
+    from lorafit.training import build_run
+
+    class LightningMeter(Callback):
+        def __init__(self) -> None:
+            self.global_step = 0
+            self.loss = math.nan
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            meter.add_tokens(int(batch["real_tokens"]))
+            if trainer.global_step != self.global_step:  # this micro-batch ended a step
+                self.global_step = trainer.global_step
+                meter.losses.append(self.loss)
+                meter.step_end()
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            # Callbacks run before the module's hook, which resets the step's summed loss.
+            self.loss = float(getattr(pl_module, "step_loss", math.nan))
+
+    run = build_run(cfg)
+    run.trainer.callbacks.append(LightningMeter())
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+
+
+# ---------------------------------------------------------------- transformers / TRL
+
+
+def _load_base(cfg, device: str):
+    import torch
+    from hydra.utils import instantiate
+
+    quantization = instantiate(cfg.adapter.quantization) if cfg.adapter.quantization else None
+    model = instantiate(cfg.model.source).load_model(
+        dtype=getattr(torch, cfg.model.dtype),
+        quantization_config=quantization,
+        attn_implementation=cfg.model.attn_implementation,
+        device_map={"": device} if quantization is not None else None,
+    )
+    return model, quantization is not None
+
+
+def _lora_config(cfg):
+    from peft import LoraConfig
+
+    adapter = cfg.adapter
+    return LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules="all-linear" if adapter.target_linear else list(adapter.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+# lorafit's optimizer classes and the names transformers' TrainingArguments gives them.
+OPTIMIZERS = {
+    "torch.optim.AdamW": "adamw_torch",
+    "bitsandbytes.optim.PagedAdamW32bit": "paged_adamw_32bit",
+    "bitsandbytes.optim.PagedAdamW8bit": "paged_adamw_8bit",
+    "bitsandbytes.optim.AdamW8bit": "adamw_bnb_8bit",
+}
+
+
+def _training_arguments(cfg, spec: dict, output_dir: str, batch_size: int) -> dict[str, Any]:
+    optimizer = cfg.optimizer
+    checkpointing = bool(cfg.model.gradient_checkpointing)
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        max_steps=spec["warmup"] + spec["steps"],
+        learning_rate=optimizer.lr,
+        weight_decay=optimizer.weight_decay,
+        adam_beta1=optimizer.betas[0],
+        adam_beta2=optimizer.betas[1],
+        adam_epsilon=optimizer.eps,
+        optim=OPTIMIZERS[optimizer._target_],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=cfg.trainer.gradient_clip_val or 0.0,
+        bf16=str(cfg.trainer.precision).startswith("bf16"),
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        logging_steps=1,  # each step's loss, as lorafit logs it
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        use_cpu=spec["device"] == "cpu",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+    )
+
+
+def _counting(trainer_class, meter: StepMeter):
+    """The trainer, counting the non-pad tokens of each batch it trains on. Counted here, not in
+    the collator: accelerate's loader collates one batch ahead of the one being trained."""
+
+    class Counting(trainer_class):
+        def training_step(self, model, inputs, *args, **kwargs):
+            mask = inputs.get("attention_mask")
+            meter.add_tokens(int(mask.sum()) if mask is not None else inputs["input_ids"].numel())
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    return Counting
+
+
+def _hf_callback(meter: StepMeter):
+    from transformers import TrainerCallback
+
+    class HFMeter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            meter.step_end()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            # Logged after on_step_end, for the step that just ended (logging_steps=1).
+            if logs and "loss" in logs and len(meter.losses) < len(meter.times):
+                meter.losses.append(float(logs["loss"]))
+
+    return HFMeter()
+
+
+def run_transformers(spec: dict, cfg, meter: StepMeter, output_dir: str) -> None:
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        DataCollatorWithFlattening,
+        Trainer,
+        TrainingArguments,
+    )
+
+    _, examples = load_examples(cfg)
+    from hydra.utils import instantiate
+
+    tokenizer = instantiate(cfg.model.source).load_tokenizer()
+    data = [
+        {**e, "attention_mask": [1] * len(e["input_ids"])} if spec["kind"] == "hf-padded" else e
+        for e in examples
+    ]
+    model, quantized = _load_base(cfg, spec["device"])
+    if quantized:
+        checkpointing = bool(cfg.model.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        )
+    model = get_peft_model(model, _lora_config(cfg))
+    model.config.use_cache = False
+    if spec["kind"] == "hf-padded":
+        collator = DataCollatorForSeq2Seq(
+            tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX, return_tensors="pt"
+        )
+    else:
+        # One row of the batch's examples, position ids restarting, labels of each example's
+        # first token masked, no attention mask: the same packed form lorafit trains on.
+        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    args = TrainingArguments(**_training_arguments(cfg, spec, output_dir, spec["batch_size"]))
+    trainer = _counting(Trainer, meter)(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=collator,
+        callbacks=[_hf_callback(meter)],
+    )
+    trainer.train()
+
+
+def run_trl(spec: dict, cfg, meter: StepMeter, output_dir: str) -> None:
+    from datasets import Dataset
+    from hydra.utils import instantiate
+    from trl import SFTConfig, SFTTrainer
+
+    from lorafit.data.prompts import format_alpaca
+
+    rows, _ = load_examples(cfg)
+    pairs = [format_alpaca(row) for row in rows]
+    data = Dataset.from_list([{"prompt": p, "completion": c} for p, c in pairs])
+    tokenizer = instantiate(cfg.model.source).load_tokenizer()
+    model, _ = _load_base(cfg, spec["device"])
+    args = SFTConfig(
+        **_training_arguments(cfg, spec, output_dir, 1),
+        max_length=cfg.data.sequence_len,
+        packing=True,  # best-fit decreasing rows of max_length, flattened without padding
+        completion_only_loss=True,  # the prompt is masked, as in lorafit
+        dataset_num_proc=None,
+    )
+    trainer = _counting(SFTTrainer, meter)(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=_lora_config(cfg),
+        callbacks=[_hf_callback(meter)],
+    )
+    trainer.train()
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    import torch
+
+    cuda = spec["device"] == "cuda"
+    meter = StepMeter(spec["warmup"], cuda=cuda, profile=spec.get("profile", False))
+    output_dir = spec["output_dir"]
+    cfg = compose(spec["overrides"], output_dir)
+    # Packed variants take one row a step; the others as many examples as a row holds.
+    batch_size = examples_per_step(cfg) if not spec["kind"].endswith("packed") else 1
+    spec["batch_size"] = batch_size
+    if spec["kind"] == "lorafit-unpacked":
+        batch = [f"data.batch_size={batch_size}", f"data.micro_batch_size={batch_size}"]
+        cfg = compose([*spec["overrides"], *batch], output_dir)
+    torch.manual_seed(cfg.seed)
+    start = time.perf_counter()
+    kind = spec["kind"]
+    if kind.startswith("lorafit"):
+        run_lorafit(spec, cfg, meter)
+    elif kind.startswith("hf"):
+        run_transformers(spec, cfg, meter, output_dir)
+    elif kind == "trl-packed":
+        run_trl(spec, cfg, meter, output_dir)
+    else:
+        raise ValueError(f"unknown variant kind {kind!r}")
+    result = {
+        **meter.summary(),
+        "wall_s": time.perf_counter() - start,
+        "n_params": model_size(cfg),
+        "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "profile": meter.profile_table,
+        "threads": torch.get_num_threads(),
+        "examples_per_step": batch_size,
+    }
+    if cuda:
+        result["cuda_allocated"] = torch.cuda.max_memory_allocated()
+        result["cuda_reserved"] = torch.cuda.max_memory_reserved()
+        result["device_name"] = torch.cuda.get_device_name()
+    Path(sys.argv[2]).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

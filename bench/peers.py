@@ -1,0 +1,413 @@
+"""lorafit against its peers, side by side: same model, data, LoRA and tokens per step.
+
+    python bench/peers.py                     # CPU: SmolLM2-135M fp32, 3 warm-up + 30 steps
+    python bench/peers.py --tiny              # every variant on a tiny random Mistral, seconds
+    python bench/peers.py --device cuda       # GPU: Mistral-7B-shaped QLoRA at 2048 and 8192
+    python bench/peers.py --suite gpu --tiny  # the GPU variant list on CPU, without quantization
+    python bench/peers.py --profile hf-flat   # torch.profiler over 2 steps of one variant
+
+Variants (each in its own process, one after the other, so each peak memory is its own):
+  lorafit-packed     lorafit's Trainer / LightningModule / DataModule (lorafit.training.build_run),
+                     one packed row of sequence_len tokens a step
+  lorafit-unpacked   lorafit, padded batches of as many examples a step as the padded peer
+  hf-padded          transformers Trainer + peft, DataCollatorForSeq2Seq padding to the longest
+  hf-flat            transformers Trainer + peft, DataCollatorWithFlattening (padding-free)
+  trl-packed         TRL SFTTrainer, packing=True, completion-only loss (skipped without trl)
+
+The padded and flattened variants take round(examples / packed rows) examples a step: about
+the tokens of one packed row. Every variant reads model, LoRA, optimizer, precision and data
+from one composed lorafit config (bench/peer_worker.py) and is timed the same way: real (non-
+pad) input tokens of the timed steps over the wall-clock from the end of the last warm-up step
+to the end of the last timed step. Prints a markdown table; --out writes the raw results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().with_name("peer_worker.py")
+ALPACA = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
+PROJECTIONS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+
+LABELS = {
+    "lorafit-packed": "lorafit packed",
+    "lorafit-unpacked": "lorafit unpacked",
+    "hf-padded": "transformers Trainer + peft, padded",
+    "hf-flat": "transformers Trainer + peft, padding-free",
+    "trl-packed": "TRL SFTTrainer, packed",
+}
+# Per suite: LoRA r / alpha / dropout, learning rate, and the sequence lengths.
+SUITE_DEFAULTS = {
+    "cpu": {"r": 16, "alpha": 32, "dropout": 0.05, "lr": 2e-4, "seq": [512]},
+    "gpu": {"r": 32, "alpha": 16, "dropout": 0.05, "lr": 1e-4, "seq": [2048, 8192]},
+}
+TINY_GPU_SEQ = [512, 1024]
+# lorafit unpacked's batch is set by the worker: as many examples as the padded peer takes.
+KIND_OVERRIDES = {
+    "lorafit-packed": [
+        "data.sample_packing=true",  # one row of sequence_len tokens a step
+        "data.batch_size=1",
+        "data.micro_batch_size=1",
+    ],
+    "lorafit-unpacked": ["data.sample_packing=false"],
+}
+
+
+@dataclass
+class Variant:
+    key: str
+    kind: str
+    label: str
+    sequence_len: int
+    overrides: list[str]
+    checkpointing: bool
+    result: dict = field(default_factory=dict)
+    status: str = "pending"  # ok, skipped, failed
+    note: str = ""
+
+    @property
+    def lorafit(self) -> bool:
+        return self.kind.startswith("lorafit")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--suite",
+        choices=["cpu", "gpu"],
+        help="variant list and settings; default: gpu with --device cuda, else cpu",
+    )
+    parser.add_argument("--tiny", action="store_true", help="tiny_mistral, 1 warm-up + 2 steps")
+    parser.add_argument("--warmup", type=int, help="warm-up optimizer steps (3; GPU 2; tiny 1)")
+    parser.add_argument("--steps", type=int, help="timed optimizer steps (30; GPU 8; tiny 2)")
+    parser.add_argument("--sequence-len", type=int, nargs="+", help="512; GPU suite 2048 8192")
+    parser.add_argument("--lora-r", type=int)
+    parser.add_argument("--lora-alpha", type=float)
+    parser.add_argument("--lora-dropout", type=float)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="CPU suite: recompute activations (the GPU suite always does)",
+    )
+    parser.add_argument("--with-trl", action="store_true", help="GPU suite: add TRL packed")
+    parser.add_argument("--variants", help="comma-separated keys or key@sequence_len to run")
+    parser.add_argument("--data", type=Path, default=ALPACA, help="alpaca rows (json)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=989.0,
+        help="the card's dense bf16 peak (H100/H200 989)",
+    )
+    parser.add_argument("--profile", metavar="VARIANT", help="profile 2 steps of one variant")
+    parser.add_argument("--jobs", type=int, default=1, help="variants at once (timings then clash)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
+    parser.add_argument("--out", type=Path, help="write the raw results as JSON")
+    args = parser.parse_args(argv)
+    args.suite = args.suite or ("gpu" if args.device == "cuda" else "cpu")
+    defaults = SUITE_DEFAULTS[args.suite]
+    gpu = args.suite == "gpu"
+    args.warmup = args.warmup if args.warmup is not None else 1 if args.tiny else 2 if gpu else 3
+    args.steps = args.steps if args.steps is not None else 2 if args.tiny else 8 if gpu else 30
+    if args.profile:
+        args.steps = 2
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be at least 1: timing starts at a step's end")
+    seq = defaults["seq"] if not (gpu and args.tiny) else TINY_GPU_SEQ
+    args.sequence_len = args.sequence_len or seq
+    args.lora_r = args.lora_r or defaults["r"]
+    args.lora_alpha = args.lora_alpha or defaults["alpha"]
+    args.lora_dropout = defaults["dropout"] if args.lora_dropout is None else args.lora_dropout
+    args.lr = args.lr or defaults["lr"]
+    return args
+
+
+def data_overrides(args: argparse.Namespace) -> tuple[list[str], str]:
+    if args.data.is_file():
+        return ["data=local", f"data.datasets.0.path={args.data}"], str(args.data)
+    return ["data=demo"], f"builtin:demo_alpaca ({args.data} is absent)"
+
+
+def common_overrides(args: argparse.Namespace, sequence_len: int) -> list[str]:
+    """What every variant's lorafit config shares, whatever the suite."""
+    cuda = args.device == "cuda"
+    overrides = [
+        *data_overrides(args)[0],
+        f"data.sequence_len={sequence_len}",
+        "data.val_set_size=0",  # every row trains; no validation inside the timed steps
+        "data.train_on_inputs=false",
+        f"adapter.r={args.lora_r}",
+        f"adapter.alpha={args.lora_alpha}",
+        f"adapter.dropout={args.lora_dropout}",
+        f"optimizer.lr={args.lr}",
+        "optimizer.weight_decay=0",
+        "scheduler=constant",  # peers run transformers' constant schedule, no warm-up
+        "scheduler.warmup_steps=0",
+        f"trainer.max_steps={args.warmup + args.steps}",
+        "trainer.enable_progress_bar=false",
+        # Writing checkpoints and the adapter is not training; the peers save nothing either.
+        "callbacks.model_checkpoint=null",
+        "callbacks.best_checkpoint=null",
+        "callbacks.export_adapter=null",
+        f"seed={args.seed}",
+    ]
+    if args.suite == "cpu":
+        model = "tiny_mistral" if args.tiny else "smollm2_135m"
+        overrides = [
+            f"model={model}",
+            "adapter=lora",
+            "adapter.target_linear=false",
+            f"adapter.target_modules={PROJECTIONS}",
+            "optimizer=adamw",
+            "trainer=gpu" if cuda else "trainer=cpu",
+            "model.dtype=float32" if not cuda else "model.dtype=bfloat16",
+            f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
+            *overrides,
+        ]
+    else:
+        overrides = ["experiment=mistral7b_random_qlora", *overrides]
+        if args.tiny:
+            overrides += ["model=tiny_mistral"]
+        # The preset's model group turns checkpointing on; tiny_mistral's does not.
+        overrides += ["model.gradient_checkpointing=true"]
+        if not cuda:
+            # bitsandbytes' 4-bit layers and paged optimizers need CUDA: the same path in fp32.
+            overrides += ["adapter=lora", "trainer=cpu", "optimizer=adamw", "model.dtype=float32"]
+    return overrides
+
+
+def plan(args: argparse.Namespace) -> list[Variant]:
+    checkpointing = args.suite == "gpu" or args.gradient_checkpointing
+    if args.suite == "cpu":
+        kinds = [(k, args.sequence_len[0]) for k in LABELS]
+    else:
+        first = args.sequence_len[0]
+        kinds = [("lorafit-packed", s) for s in args.sequence_len]
+        kinds += [("hf-padded", first)]
+        kinds += [("hf-flat", s) for s in args.sequence_len]
+        if args.with_trl:
+            kinds += [("trl-packed", first)]
+    several = len({s for _, s in kinds}) > 1
+    variants = []
+    for kind, seq in kinds:
+        key = f"{kind}@{seq}" if several else kind
+        label = f"{LABELS[kind]} @ {seq}" if several else LABELS[kind]
+        overrides = common_overrides(args, seq) + KIND_OVERRIDES.get(kind, [])
+        variants.append(Variant(key, kind, label, seq, overrides, checkpointing))
+    if args.variants or args.profile:
+        wanted = (args.profile or args.variants).split(",")
+        variants = [v for v in variants if v.key in wanted or v.kind in wanted]
+        if not variants:
+            sys.exit(
+                f"no variant matches {wanted}; known: {', '.join(v.key for v in plan_keys(args))}"
+            )
+    return variants
+
+
+def plan_keys(args: argparse.Namespace) -> list[Variant]:
+    return plan(argparse.Namespace(**{**vars(args), "variants": None, "profile": None}))
+
+
+def run_variant(variant: Variant, args: argparse.Namespace, folder: Path) -> Variant:
+    if variant.kind == "trl-packed" and importlib.util.find_spec("trl") is None:
+        variant.status, variant.note = "skipped", "trl is not installed (pip install -e .[bench])"
+        return variant
+    work = folder / variant.key.replace("@", "_")
+    work.mkdir()
+    spec = {
+        "kind": variant.kind,
+        "overrides": variant.overrides,
+        "device": args.device,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "profile": bool(args.profile),
+        "output_dir": str(work / "run"),
+    }
+    (work / "spec.json").write_text(json.dumps(spec))
+    log = work / "log.txt"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONWARNINGS": "ignore",
+    }
+    if args.jobs > 1:  # variants at once share the cores rather than oversubscribe them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    print(f"running {variant.key} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    command = [sys.executable, str(WORKER), str(work / "spec.json"), str(work / "result.json")]
+    try:
+        with open(log, "w") as handle:
+            done = subprocess.run(
+                command, stdout=handle, stderr=subprocess.STDOUT, env=env, timeout=args.timeout
+            )
+        failed = done.returncode != 0
+    except subprocess.TimeoutExpired:
+        failed = True
+    if failed or not (work / "result.json").is_file():
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        variant.status, variant.note = "failed", tail
+        print(f"{variant.key} failed:\n{tail}", file=sys.stderr, flush=True)
+    else:
+        variant.result = json.loads((work / "result.json").read_text())
+        variant.status = "ok"
+        print(
+            f"{variant.key}: {variant.result['tokens_per_s']:.1f} tokens/s "
+            f"({time.perf_counter() - start:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return variant
+
+
+def versions() -> str:
+    names = ["torch", "transformers", "peft", "trl", "lightning"]
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} not installed")
+    return ", ".join(found)
+
+
+def lorafit_revision() -> str:
+    """The commit measured, and whether lorafit's code differed from it."""
+
+    def git(*command: str) -> str:
+        done = subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "src", "conf")
+    return f"lorafit {commit}" + (" with uncommitted changes in src/ or conf/" if dirty else "")
+
+
+def machine(variants: list[Variant], args: argparse.Namespace) -> str:
+    if args.device == "cuda":
+        names = {v.result.get("device_name") for v in variants if v.status == "ok"}
+        return ", ".join(sorted(n for n in names if n)) or "CUDA (no variant ran)"
+    threads = {v.result.get("threads") for v in variants if v.status == "ok"}
+    return f"{os.cpu_count()} CPU cores, torch threads {', '.join(map(str, sorted(threads)))}"
+
+
+def _gib(value: float) -> str:
+    return f"{value / 2**30:.2f} GiB"
+
+
+def table(variants: list[Variant], args: argparse.Namespace) -> str:
+    cuda = args.device == "cuda"
+    best: dict[int, float] = {}
+    for v in variants:
+        if v.status == "ok" and not v.lorafit:
+            speed = v.result["tokens_per_s"]
+            best[v.sequence_len] = max(best.get(v.sequence_len, 0.0), speed)
+    columns = ["variant", "real tokens/s", "vs best peer", "peak memory", "mean loss", "steps"]
+    columns += ["tokens/step"] + (["share of bf16 peak"] if cuda else [])
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for v in variants:
+        if v.status != "ok":
+            note = v.note.splitlines()[0] if v.status == "skipped" else "see the log above"
+            cells = [v.label, v.status, "", "", "", "", note] + ([""] if cuda else [])
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
+        r = v.result
+        peer = best.get(v.sequence_len)
+        ratio = f"{r['tokens_per_s'] / peer:.2f}x" if peer else "-"
+        if cuda:
+            memory = f"{_gib(r['cuda_allocated'])} alloc / {_gib(r['cuda_reserved'])} reserved"
+        else:
+            memory = f"{_gib(r['peak_rss_kib'] * 1024)} RSS"
+        cells = [
+            v.label,
+            f"{r['tokens_per_s']:.1f}",
+            ratio,
+            memory,
+            f"{r['mean_loss']:.4f}",
+            str(r["steps"]),
+            f"{r['tokens_per_step']:.0f}",
+        ]
+        if cuda:
+            per_token = 8 if v.checkpointing else 6
+            flops = per_token * r["n_params"] * r["tokens_per_s"]
+            cells.append(f"{flops / (args.peak_tflops * 1e12):.1%}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(variants: list[Variant], args: argparse.Namespace, data: str) -> str:
+    ok = [v for v in variants if v.status == "ok"]
+    examples = sorted({v.result["examples_per_step"] for v in ok if not v.kind.endswith("packed")})
+    lines = [
+        f"machine: {machine(variants, args)}; {versions()}; {lorafit_revision()}",
+        f"command: python {shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])}",
+        f"data: {data}; sequence_len {', '.join(map(str, args.sequence_len))}; "
+        f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} dropout={args.lora_dropout:g}; "
+        f"lr {args.lr:g}; {args.warmup} warm-up + {args.steps} timed steps; seed {args.seed}; "
+        f"padded / flattened variants: {', '.join(map(str, examples)) or '-'} examples a step",
+        "",
+        table(variants, args),
+        "",
+        "real tokens/s: non-pad input tokens of the timed steps / wall-clock from the end of the "
+        "last warm-up step to the end of the last timed step (optimizer, zero_grad, data loading "
+        "and collation included). vs best peer: against the fastest non-lorafit variant of the "
+        "same sequence_len. mean loss: of the timed steps.",
+    ]
+    if args.device == "cuda":
+        lines.append(
+            "share of bf16 peak: 6 N FLOPs per token (8 N with gradient checkpointing's "
+            f"recomputation), N the base model's parameters less the input embedding, against "
+            f"{args.peak_tflops:g} TFLOP/s; attention FLOPs are not counted."
+        )
+    if args.jobs > 1:
+        lines.append(f"{args.jobs} variants ran at once: these timings do not compare.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    variants = plan(args)
+    data = data_overrides(args)[1]
+    with tempfile.TemporaryDirectory(prefix="lorafit-peers-") as folder:
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            list(pool.map(lambda v: run_variant(v, args, Path(folder)), variants))
+    print(report(variants, args, data))
+    if args.profile:
+        for v in variants:
+            if v.status == "ok":
+                print(f"\ntorch.profiler, {v.label}, 2 steps, top 25 by self CPU time:")
+                print(v.result.get("profile"))
+    if args.out:
+        raw = {
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "command": sys.argv,
+            "versions": versions(),
+            "lorafit": lorafit_revision(),
+            "machine": machine(variants, args),
+            "data": data,
+            "variants": [asdict(v) for v in variants],
+        }
+        args.out.write_text(json.dumps(raw, indent=1) + "\n")
+    return 1 if any(v.status == "failed" for v in variants) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
