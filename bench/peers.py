@@ -290,14 +290,19 @@ def versions() -> str:
 
 
 def lorafit_revision() -> str:
-    """The commit measured, and whether lorafit's code differed from it."""
+    """Which lorafit the workers import (PYTHONPATH may point at a snapshot of a commit), its
+    commit, and whether its code differed from the commit."""
+    spec = importlib.util.find_spec("lorafit")
+    source = Path(spec.origin).resolve().parents[1] if spec and spec.origin else ROOT / "src"
 
     def git(*command: str) -> str:
-        done = subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True)
-        return done.stdout.strip()
+        done = subprocess.run(["git", *command], cwd=source, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
 
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "src", "conf")
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return f"lorafit from {source} (not a git checkout)"
+    dirty = git("status", "--porcelain", "--", ".", "../conf")
     return f"lorafit {commit}" + (" with uncommitted changes in src/ or conf/" if dirty else "")
 
 
@@ -357,7 +362,7 @@ def report(variants: list[Variant], args: argparse.Namespace, data: str) -> str:
     ok = [v for v in variants if v.status == "ok"]
     examples = sorted({v.result["examples_per_step"] for v in ok if not v.kind.endswith("packed")})
     lines = [
-        f"machine: {machine(variants, args)}; {versions()}; {lorafit_revision()}",
+        f"machine: {machine(variants, args)}; {versions()}; {args.revision}",
         f"command: python {shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])}",
         f"data: {data}; sequence_len {', '.join(map(str, args.sequence_len))}; "
         f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} dropout={args.lora_dropout:g}; "
@@ -377,6 +382,7 @@ def report(variants: list[Variant], args: argparse.Namespace, data: str) -> str:
             f"recomputation), N the base model's parameters less the input embedding, against "
             f"{args.peak_tflops:g} TFLOP/s; attention FLOPs are not counted."
         )
+    lines.append(f"the whole run, model loads included: {args.wall_s:.0f} s")
     if args.jobs > 1:
         lines.append(f"{args.jobs} variants ran at once: these timings do not compare.")
     return "\n".join(lines)
@@ -386,9 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     variants = plan(args)
     data = data_overrides(args)[1]
+    start = time.perf_counter()
+    args.revision = lorafit_revision()  # before the runs: the code they measure
     with tempfile.TemporaryDirectory(prefix="lorafit-peers-") as folder:
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             list(pool.map(lambda v: run_variant(v, args, Path(folder)), variants))
+    args.wall_s = round(time.perf_counter() - start, 1)
     print(report(variants, args, data))
     if args.profile:
         for v in variants:
@@ -400,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "command": sys.argv,
             "versions": versions(),
-            "lorafit": lorafit_revision(),
+            "lorafit": args.revision,
             "machine": machine(variants, args),
             "data": data,
             "variants": [asdict(v) for v in variants],
