@@ -55,6 +55,7 @@ SUITE_DEFAULTS = {
     "gpu": {"r": 32, "alpha": 16, "dropout": 0.05, "lr": 1e-4, "seq": [2048, 8192]},
 }
 TINY_GPU_SEQ = [512, 1024]
+PACKED = ("lorafit-packed", "trl-packed")  # one packed row a step
 # lorafit unpacked's batch is set by the worker: as many examples as the padded peer takes.
 KIND_OVERRIDES = {
     "lorafit-packed": [
@@ -360,7 +361,7 @@ def table(variants: list[Variant], args: argparse.Namespace) -> str:
 
 def report(variants: list[Variant], args: argparse.Namespace, data: str) -> str:
     ok = [v for v in variants if v.status == "ok"]
-    examples = sorted({v.result["examples_per_step"] for v in ok if not v.kind.endswith("packed")})
+    examples = sorted({v.result["examples_per_step"] for v in ok if v.kind not in PACKED})
     lines = [
         f"machine: {machine(variants, args)}; {versions()}; {args.revision}",
         f"command: python {shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])}",
