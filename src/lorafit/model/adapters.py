@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import BitsAndBytesConfig, PreTrainedModel
 
 from lorafit.errors import ConfigError
+from lorafit.model.lora_dropout import fuse_lora_dropout
 
 # Peft's shorthand for "every nn.Linear but the output head": Axolotl's lora_target_linear.
 ALL_LINEAR = "all-linear"
@@ -93,8 +94,11 @@ class LoraAdapter:
         elif self.bits is not None:
             prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if self.lora_model_dir:
-            return PeftModel.from_pretrained(model, Path(self.lora_model_dir), is_trainable=True)
-        return get_peft_model(model, self.config)
+            adapted = PeftModel.from_pretrained(model, Path(self.lora_model_dir), is_trainable=True)
+        else:
+            adapted = get_peft_model(model, self.config)
+        fuse_lora_dropout(adapted)  # same masks and losses, a quarter of the memory
+        return adapted
 
 
 class FullFineTune:

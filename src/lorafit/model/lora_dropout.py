@@ -1,0 +1,81 @@
+"""LoRA dropout that keeps a one-byte mask for backward instead of a dropped copy of the input.
+
+peft computes `lora_B(lora_A(dropout(x)))`: autograd then keeps, for every adapted layer, the
+dropped input (4 bytes a value in fp32) for lora_A's weight gradient, besides dropout's own
+mask, although `x` itself is already kept by the layers around it. For SmolLM2-135M on a
+512-token row that is about 300 MB of a step's 1.1 GB of saved activations. Here dropout and
+lora_A are one autograd function that keeps `x` (shared, no copy) and the mask as booleans,
+and rebuilds the dropped input in backward.
+
+The mask is drawn with the very call `nn.Dropout` makes (on a tensor of ones shaped like `x`),
+so the random stream, the masks and therefore the losses are those of peft's own path: same
+seed, same numbers (`tests/model/test_lora_dropout.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _DropoutLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, p):  # noqa: ANN001, ANN205
+        scale = F.dropout(torch.ones_like(x), p, training=True)  # 0 or 1 / (1 - p)
+        out = F.linear(x * scale, weight)
+        ctx.save_for_backward(x, weight, scale != 0)
+        ctx.p = p
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        x, weight, keep = ctx.saved_tensors
+        dtype = grad_out.dtype  # the forward's compute dtype (bf16 under autocast)
+        scale = keep.to(dtype) / (1 - ctx.p)
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ((grad_out @ weight.to(dtype)) * scale).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dropped = (x.to(dtype) * scale).reshape(-1, x.shape[-1])
+            grad_weight = (grad_out.reshape(-1, grad_out.shape[-1]).T @ dropped).to(weight.dtype)
+        return grad_x, grad_weight, None
+
+
+class DropoutLinear(nn.Linear):
+    """lora_A with the adapter's dropout inside; the same `weight`, so the same state dict."""
+
+    def __init__(self, linear: nn.Linear, p: float):
+        super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
+        self.weight = linear.weight
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return F.linear(x, self.weight)
+        return _DropoutLinear.apply(x, self.weight, self.p)
+
+
+def fuse_lora_dropout(model: nn.Module) -> int:
+    """Move each plain LoRA layer's dropout into its lora_A; returns how many were moved.
+    Layers with a variant (DoRA...), a bias on lora_A or no dropout keep peft's path."""
+    moved = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, nn.ModuleDict):
+            continue
+        for name, dropout in list(dropouts.items()):
+            lora_a = module.lora_A[name]
+            if (
+                type(dropout) is not nn.Dropout
+                or dropout.p == 0
+                or type(lora_a) is not nn.Linear
+                or lora_a.bias is not None
+                or name in getattr(module, "lora_variant", {})
+            ):
+                continue
+            module.lora_A[name] = DropoutLinear(lora_a, dropout.p)
+            module.lora_A[name].train(lora_a.training)
+            dropouts[name] = nn.Identity()
+            moved += 1
+    return moved

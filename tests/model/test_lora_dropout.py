@@ -1,0 +1,88 @@
+"""LoRA dropout moved into lora_A keeps peft's masks, losses and gradients exactly, keeps the
+adapter's state dict, and keeps less for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from lorafit.model.lora_dropout import DropoutLinear, fuse_lora_dropout
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(8, 16, bias=False)
+        self.down = nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def _pair(p=0.3):
+    """Two identical LoRA models, the second with its dropout fused."""
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = get_peft_model(
+            Tiny(), LoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=["up", "down"])
+        )
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(param, std=0.1)
+        models.append(model.train())
+    assert fuse_lora_dropout(models[1]) == 2
+    return models
+
+
+def _run(model, x, seed):
+    torch.manual_seed(seed)
+    loss = model(x).square().sum()
+    lora = [p for n, p in model.named_parameters() if p.requires_grad]
+    return loss, torch.autograd.grad(loss, [x, *lora])
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_dropout_gives_peft_s_losses_and_gradients(autocast):
+    peft_model, fused = _pair()
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for seed in (1, 2):
+            (loss, grads), (fused_loss, fused_grads) = (
+                _run(m, x, seed) for m in (peft_model, fused)
+            )
+            tolerance = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+            torch.testing.assert_close(fused_loss, loss, **tolerance)
+            for grad, expected in zip(fused_grads, grads, strict=True):
+                torch.testing.assert_close(grad, expected, **tolerance)
+    # Different seeds draw different masks: dropout really applies.
+    assert not torch.equal(_run(fused, x, 1)[0], _run(fused, x, 2)[0])
+
+
+def test_eval_mode_drops_nothing_and_the_state_dict_is_unchanged():
+    peft_model, fused = _pair()
+    assert fused.state_dict().keys() == peft_model.state_dict().keys()
+    assert isinstance(fused.base_model.model.up.lora_A["default"], DropoutLinear)
+    x = torch.randn(2, 8)
+    peft_model.eval(), fused.eval()
+    torch.testing.assert_close(fused(x), peft_model(x))
+
+
+def test_less_is_kept_for_backward():
+    def saved_bytes(model):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(64, 8)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x).sum()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        return sum(size for ptr, size in seen.items() if ptr not in params)
+
+    peft_model, fused = _pair()
+    assert saved_bytes(fused) < 0.8 * saved_bytes(peft_model)
