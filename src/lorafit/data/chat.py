@@ -13,7 +13,7 @@ silently all-masked or all-learned label set.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
@@ -112,7 +112,7 @@ def resolve(tokenizer: PreTrainedTokenizerBase, setting: str) -> ChatTemplate:
             "located; use a template that only appends turns (e.g. chatml)"
         )
     end = reply[reply.index(_PROBE_REPLY) + len(_PROBE_REPLY) :].strip()
-    return ChatTemplate(tokenizer, template.source, template.name, template.add_special_tokens, end)
+    return replace(template, end_of_turn=end)
 
 
 def prompt_and_reference(messages: Messages) -> tuple[list[Mapping[str, str]], str]:
