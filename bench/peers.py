@@ -5,6 +5,7 @@
     python bench/peers.py --device cuda       # GPU: Mistral-7B-shaped QLoRA at 2048 and 8192
     python bench/peers.py --suite gpu --tiny  # the GPU variant list on CPU, without quantization
     python bench/peers.py --profile hf-flat   # torch.profiler over 2 steps of one variant
+    python bench/peers.py --levers sdpa_packed,plain-loss   # lorafit packed with each lever too
 
 Variants (each in its own process, one after the other, so each peak memory is its own):
   lorafit-packed     lorafit's Trainer / LightningModule / DataModule (lorafit.training.build_run),
@@ -65,6 +66,12 @@ KIND_OVERRIDES = {
     ],
     "lorafit-unpacked": ["data.sample_packing=false"],
 }
+# --levers: lorafit packed again with one option changed, to measure what each one buys.
+LEVERS = {
+    "sdpa_packed": ["model.attn_implementation=sdpa_packed"],  # no block mask; varlen on CUDA
+    "plain-loss": ["model.loss_chunk_size=null"],  # the output layer's logits in full
+    "no-dropout": ["adapter.dropout=0"],
+}
 
 
 @dataclass
@@ -109,6 +116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CPU suite: recompute activations (the GPU suite always does)",
     )
     parser.add_argument("--with-trl", action="store_true", help="GPU suite: add TRL packed")
+    parser.add_argument(
+        "--levers",
+        help=f"comma-separated: lorafit packed again with each of {', '.join(LEVERS)}",
+    )
     parser.add_argument("--variants", help="comma-separated keys or key@sequence_len to run")
     parser.add_argument("--data", type=Path, default=ALPACA, help="alpaca rows (json)")
     parser.add_argument(
@@ -205,16 +216,23 @@ def plan(args: argparse.Namespace) -> list[Variant]:
         kinds += [("hf-flat", s) for s in args.sequence_len]
         if args.with_trl:
             kinds += [("trl-packed", first)]
-    several = len({s for _, s in kinds}) > 1
+    levers = [lever for lever in (args.levers or "").split(",") if lever]
+    unknown = sorted(set(levers) - set(LEVERS))
+    if unknown:
+        sys.exit(f"unknown lever {unknown}; known: {', '.join(LEVERS)}")
+    kinds = [(kind, seq, None) for kind, seq in kinds]
+    kinds += [("lorafit-packed", seq, lever) for lever in levers for seq in args.sequence_len]
+    several = len({s for _, s, _ in kinds}) > 1
     variants = []
-    for kind, seq in kinds:
-        key = f"{kind}@{seq}" if several else kind
-        label = f"{LABELS[kind]} @ {seq}" if several else LABELS[kind]
+    for kind, seq, lever in kinds:
+        key = kind + (f"+{lever}" if lever else "") + (f"@{seq}" if several else "")
+        label = LABELS[kind] + (f", {lever}" if lever else "") + (f" @ {seq}" if several else "")
         overrides = common_overrides(args, seq) + KIND_OVERRIDES.get(kind, [])
+        overrides += LEVERS.get(lever, [])
         variants.append(Variant(key, kind, label, seq, overrides, checkpointing))
     if args.variants or args.profile:
         wanted = (args.profile or args.variants).split(",")
-        variants = [v for v in variants if v.key in wanted or v.kind in wanted]
+        variants = [v for v in variants if v.key in wanted or v.key.split("@")[0] in wanted]
         if not variants:
             sys.exit(
                 f"no variant matches {wanted}; known: {', '.join(v.key for v in plan_keys(args))}"
@@ -395,17 +413,12 @@ def main(argv: list[str] | None = None) -> int:
     data = data_overrides(args)[1]
     start = time.perf_counter()
     args.revision = lorafit_revision()  # before the runs: the code they measure
-    with tempfile.TemporaryDirectory(prefix="lorafit-peers-") as folder:
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            list(pool.map(lambda v: run_variant(v, args, Path(folder)), variants))
-    args.wall_s = round(time.perf_counter() - start, 1)
-    print(report(variants, args, data))
-    if args.profile:
-        for v in variants:
-            if v.status == "ok":
-                print(f"\ntorch.profiler, {v.label}, 2 steps, top 25 by self CPU time:")
-                print(v.result.get("profile"))
-    if args.out:
+
+    def save() -> None:
+        """The raw results so far: a run cut short still leaves the variants it finished."""
+        if not args.out:
+            return
+        args.wall_s = round(time.perf_counter() - start, 1)
         raw = {
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "command": sys.argv,
@@ -416,6 +429,23 @@ def main(argv: list[str] | None = None) -> int:
             "variants": [asdict(v) for v in variants],
         }
         args.out.write_text(json.dumps(raw, indent=1) + "\n")
+
+    def run(variant: Variant) -> Variant:
+        done = run_variant(variant, args, Path(folder))
+        save()
+        return done
+
+    with tempfile.TemporaryDirectory(prefix="lorafit-peers-") as folder:
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            list(pool.map(run, variants))
+    args.wall_s = round(time.perf_counter() - start, 1)
+    print(report(variants, args, data))
+    if args.profile:
+        for v in variants:
+            if v.status == "ok":
+                print(f"\ntorch.profiler, {v.label}, 2 steps, top 25 by self CPU time:")
+                print(v.result.get("profile"))
+    save()
     return 1 if any(v.status == "failed" for v in variants) else 0
 
 

@@ -6,6 +6,7 @@
 #   scripts/gpu_suite.sh fetch              # on a machine with PyPI: fill wheels/ (~45 MB)
 #   scripts/gpu_suite.sh run [pytest args]  # on the GPU machine, from the repository root
 #   LORAFIT_GPU_DRY_RUN=1 scripts/gpu_suite.sh run   # the same on a CPU, shrunk: a rehearsal
+#   scripts/gpu_suite.sh bench [peers args] # bench/peers.py --device cuda: lorafit vs its peers
 #
 # The GPU machine needs Python 3.12 (PYTHON_VERSION to fetch for another) with a CUDA torch,
 # transformers>=5, peft, lightning, torchmetrics, safetensors, sentencepiece, protobuf,
@@ -54,7 +55,7 @@ fetch() {
     du -sh "$WHEELS"
 }
 
-run() {
+setup() {
     if [[ ! -f "$WHEELS/$TOKENIZER_FILE" ]]; then
         echo "no $WHEELS/: run 'scripts/gpu_suite.sh fetch' where PyPI is reachable" >&2
         exit 2
@@ -83,12 +84,22 @@ for name in ("torch", "transformers", "peft", "lightning", "bitsandbytes", "hydr
              "datasets"):
     print(f"{name} {version(name)}")
 EOF
+}
+
+run() {
+    setup
     python3 -m pytest -m gpu -p no:cacheprovider -v -rs --durations=0 "$@"
     echo "figures: $LORAFIT_GPU_RESULTS"
+}
+
+bench() {
+    setup
+    python3 bench/peers.py --device cuda "$@"
 }
 
 case "${1:-}" in
     fetch) fetch ;;
     run) shift; run "$@" ;;
-    *) sed -n '2,9p' "$0" >&2; exit 2 ;;
+    bench) shift; bench "$@" ;;
+    *) sed -n '2,10p' "$0" >&2; exit 2 ;;
 esac

@@ -4,12 +4,26 @@ With `sdpa`, transformers turns a packed row's restarting position ids into a de
 tokens x tokens block-diagonal mask, and torch's fused attention cannot take its causal fast
 path with a mask: it computes (and keeps for backward) every query-key score of the row,
 including the blocks between examples that the mask throws away. Here each example of the row
-(each run of consecutive position ids) is attended on its own with `is_causal=True`, so the
-fused kernel runs and nothing crosses an example boundary by construction. Rows with a padding
-mask, and generation with a cache, go through the plain `sdpa` path unchanged.
+(each run of consecutive position ids) is attended on its own, causally, so nothing crosses an
+example boundary by construction:
+
+- on CUDA, where torch has `varlen_attn`, the whole batch in one flash-attention call over the
+  examples' cumulative lengths (what flash-attn's varlen kernels do, with no extra package);
+- elsewhere, one `scaled_dot_product_attention(is_causal=True)` call per example.
+
+The example spans are found once per forward, not once per layer: every layer (and the
+recomputation of checkpointed layers) receives the same position-ids tensor, and the spans of
+the last one seen are kept while that tensor lives. Rows with a padding mask, and generation
+with a cache, go through the plain `sdpa` path unchanged. A model's sliding window (Mistral's
+4096) is kept: an example longer than the window attends within it, as with `sdpa`.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,15 +34,114 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NAME = "sdpa_packed"
 
 
+@dataclass(frozen=True)
+class Spans:
+    """The packed examples of a batch: per row, [start, end) of each run of consecutive
+    position ids; and the same flattened over the batch as flash attention's cumulative
+    lengths (int32, on the tensors' device) with the longest example."""
+
+    rows: list[list[tuple[int, int]]]
+    cu_seqlens: torch.Tensor
+    longest: int
+
+
 def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     """Per row, the [start, end) spans of consecutive position ids: the packed examples."""
     restarts = position_ids[:, 1:] != position_ids[:, :-1] + 1
     length = position_ids.shape[1]
     spans = []
-    for row in restarts.cpu():
+    for row in restarts.cpu():  # the one host copy of a forward (see `spans_of`)
         starts = [0, *(row.nonzero().flatten() + 1).tolist()]
         spans.append(list(zip(starts, [*starts[1:], length], strict=True)))
     return spans
+
+
+_last: tuple[weakref.ref, Spans] | None = None
+
+
+def spans_of(position_ids: torch.Tensor) -> Spans:
+    """`Spans` of a [batch, tokens] position-ids tensor, computed once while it lives.
+
+    The tensor itself is the key (a weak reference, so a new tensor at a freed address is never
+    taken for the old one), which makes the one host synchronisation per forward, not per layer.
+    """
+    global _last
+    if _last is not None and _last[0]() is position_ids:
+        return _last[1]
+    rows = segments(position_ids)
+    length = position_ids.shape[1]
+    bounds = [r * length + b for r, row in enumerate(rows) for _, b in row]
+    cu = torch.tensor([0, *bounds], dtype=torch.int32, device=position_ids.device)
+    longest = max(b - a for row in rows for a, b in row)
+    spans = Spans(rows, cu, longest)
+    _last = (weakref.ref(position_ids), spans)
+    return spans
+
+
+@functools.cache
+def _varlen():
+    """torch's flash-attention varlen entry point and the keywords this torch takes, or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _window(sliding_window: int | None, longest: int) -> int | None:
+    """The left window a query may see besides itself, when it can matter."""
+    if sliding_window is None or sliding_window <= 0 or longest <= sliding_window:
+        return None
+    return sliding_window - 1
+
+
+def _varlen_fits(dtype: torch.dtype, window: int | None) -> bool:
+    """Whether this torch's varlen flash kernel can do the call: half precision, and a
+    sliding window only where it takes one."""
+    kernel = _varlen()
+    if kernel is None or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return window is None or "window_size" in kernel[1]
+
+
+def _varlen_attention(query, key, value, spans: Spans, scaling, window) -> torch.Tensor:
+    varlen_attn, takes = _varlen()
+    # [batch, heads, tokens, dim] -> [batch * tokens, heads, dim], examples end to end.
+    q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (query, key, value))
+    options = {}
+    if query.shape[1] != key.shape[1]:
+        if "enable_gqa" in takes:
+            options["enable_gqa"] = True
+        else:  # an older torch: one key/value head per query head
+            groups = query.shape[1] // key.shape[1]
+            k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+    if "window_size" in takes:
+        options["window_size"] = (-1 if window is None else window, 0)
+    else:  # an older torch: causal only (`_varlen_fits` keeps windows that cut in away)
+        options["is_causal"] = True
+    if scaling is not None and "scale" in takes:
+        options["scale"] = scaling
+    elif scaling is not None:
+        q = q * (scaling * q.shape[-1] ** 0.5)  # the kernel's own scale is 1/sqrt(dim)
+    out = varlen_attn(
+        q, k, v, spans.cu_seqlens, spans.cu_seqlens, spans.longest, spans.longest, **options
+    )
+    return out.view(query.shape[0], query.shape[2], *out.shape[1:])
+
+
+def _causal(q, k, v, scaling, gqa, window, dropout) -> torch.Tensor:
+    """One example: the fused causal kernel, or a banded mask where the window cuts in."""
+    length = q.shape[2]
+    if window is None or length <= window + 1:
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa
+        )
+    index = torch.arange(length, device=q.device)
+    seen = index[None, :] <= index[:, None]
+    seen &= index[None, :] >= index[:, None] - window
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=seen, dropout_p=dropout, scale=scaling, enable_gqa=gqa
+    )
 
 
 def packed_sdpa_attention(
@@ -40,31 +153,36 @@ def packed_sdpa_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     position_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention output as transformers' attention functions return it: [batch, tokens,
     heads, head_dim]. Query, key and value are [batch, heads, tokens, head_dim]."""
     if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            sliding_window=sliding_window,
+            **kwargs,
         )
-    # Grouped-query attention without copying the key and value heads.
-    gqa = query.shape[1] != key.shape[1]
-    position_ids = position_ids.expand(query.shape[0], -1)
+    if position_ids.shape[0] != query.shape[0]:
+        position_ids = position_ids.expand(query.shape[0], -1)
+    spans = spans_of(position_ids)
+    window = _window(sliding_window, spans.longest)
+    if query.is_cuda and dropout == 0 and _varlen_fits(query.dtype, window):
+        return _varlen_attention(query, key, value, spans, scaling, window), None
+    gqa = query.shape[1] != key.shape[1]  # grouped-query attention without copying heads
     rows = []
-    for index, spans in enumerate(segments(position_ids)):
+    for index, row in enumerate(spans.rows):
         q, k, v = (t[index : index + 1] for t in (query, key, value))
         parts = [
-            F.scaled_dot_product_attention(
-                q[:, :, a:b],
-                k[:, :, a:b],
-                v[:, :, a:b],
-                dropout_p=dropout,
-                is_causal=True,
-                scale=scaling,
-                enable_gqa=gqa,
-            )
-            for a, b in spans
+            _causal(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], scaling, gqa, window, dropout)
+            for a, b in row
         ]
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     return torch.cat(rows).transpose(1, 2).contiguous(), None
