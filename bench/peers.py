@@ -233,6 +233,8 @@ def plan(args: argparse.Namespace) -> list[Variant]:
     if args.variants or args.profile:
         wanted = (args.profile or args.variants).split(",")
         variants = [v for v in variants if v.key in wanted or v.key.split("@")[0] in wanted]
+        # In the order asked for: a run cut short has what came first.
+        variants.sort(key=lambda v: wanted.index(v.key if v.key in wanted else v.key.split("@")[0]))
         if not variants:
             sys.exit(
                 f"no variant matches {wanted}; known: {', '.join(v.key for v in plan_keys(args))}"
