@@ -52,6 +52,7 @@ class StepMeter:
         self._pending_tokens = 0
         self._profiler = None
         self.profile_table: str | None = None
+        self.load_peak: int | None = None
 
     def add_tokens(self, count: int) -> None:
         self._pending_tokens += int(count)
@@ -65,6 +66,13 @@ class StepMeter:
         self.tokens.append(self._pending_tokens)
         self._pending_tokens = 0
         done = len(self.times)
+        if self.cuda and done == 1:
+            # Loading (a random 7B is even built on the GPU) can peak above training: from
+            # here on the peak is training's own, with the optimizer states made by step 1.
+            import torch
+
+            self.load_peak = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         if self.profile and done == self.warmup:
             self._start_profiler()
         elif self._profiler is not None and done == self.warmup + 2:
@@ -73,13 +81,17 @@ class StepMeter:
     def _start_profiler(self) -> None:
         from torch.profiler import ProfilerActivity, profile
 
-        self._profiler = profile(activities=[ProfilerActivity.CPU])
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self._profiler = profile(activities=activities)
         self._profiler.start()
 
     def _stop_profiler(self) -> None:
         self._profiler.stop()
         averages = self._profiler.key_averages()
         self.profile_table = averages.table(sort_by="self_cpu_time_total", row_limit=25)
+        if self.cuda:
+            by_gpu = averages.table(sort_by="self_device_time_total", row_limit=25)
+            self.profile_table += "\n\ntop 25 by self GPU time:\n" + by_gpu
         self._profiler = None
 
     def summary(self) -> dict[str, Any]:
@@ -403,8 +415,10 @@ def main() -> None:
         "examples_per_step": batch_size,
     }
     if cuda:
+        # Peaks of the steps after the first; the load's (and first step's) beside them.
         result["cuda_allocated"] = torch.cuda.max_memory_allocated()
         result["cuda_reserved"] = torch.cuda.max_memory_reserved()
+        result["cuda_allocated_with_load"] = meter.load_peak
         result["device_name"] = torch.cuda.get_device_name()
     Path(sys.argv[2]).write_text(json.dumps(result))
 

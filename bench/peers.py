@@ -360,6 +360,8 @@ def table(variants: list[Variant], args: argparse.Namespace) -> str:
         ratio = f"{r['tokens_per_s'] / peer:.2f}x" if peer else "-"
         if cuda:
             memory = f"{_gib(r['cuda_allocated'])} alloc / {_gib(r['cuda_reserved'])} reserved"
+            if r.get("cuda_allocated_with_load"):
+                memory += f" ({_gib(r['cuda_allocated_with_load'])} with the load)"
         else:
             memory = f"{_gib(r['peak_rss_kib'] * 1024)} RSS"
         cells = [
@@ -398,6 +400,10 @@ def report(variants: list[Variant], args: argparse.Namespace, data: str) -> str:
         "same sequence_len. mean loss: of the timed steps.",
     ]
     if args.device == "cuda":
+        lines.append(
+            "peak memory: torch's peak allocated and reserved over the steps after the first "
+            "(optimizer states included); in brackets, the peak of loading and the first step."
+        )
         lines.append(
             "share of bf16 peak: 6 N FLOPs per token (8 N with gradient checkpointing's "
             f"recomputation), N the base model's parameters less the input embedding, against "

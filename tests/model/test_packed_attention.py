@@ -33,7 +33,7 @@ def _reference(q, k, v, position_ids, window=None, scale=None):
     groups = q.shape[1] // k.shape[1]
     for b in range(q.shape[0]):
         example = torch.cumsum((position_ids[b] == 0).long(), 0)
-        i = torch.arange(q.shape[2])
+        i = torch.arange(q.shape[2], device=q.device)
         seen = (example[:, None] == example[None, :]) & (i[None, :] <= i[:, None])
         if window is not None:
             seen &= i[None, :] > i[:, None] - window
@@ -82,7 +82,8 @@ def _stand_in_varlen(new_api: bool):
     left window) carried out by plain attention, so the call's plumbing is checked on CPU."""
 
     def attend(q, k, v, cu_q, cu_k, max_q, max_k, **options):
-        assert torch.equal(cu_q, cu_k) and q.dtype == torch.float32
+        assert torch.equal(cu_q, cu_k) and q.dtype == k.dtype == v.dtype == torch.bfloat16
+        q, k, v = (t.float() for t in (q, k, v))
         assert max_q == max(int(b - a) for a, b in zip(cu_q[:-1], cu_q[1:], strict=True))
         if new_api:
             left, right = options["window_size"]
@@ -104,7 +105,7 @@ def _stand_in_varlen(new_api: bool):
             scores = torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * scale
             probs = scores.masked_fill(~seen, float("-inf")).softmax(-1)
             out[a:b] = torch.einsum("hqk,khd->qhd", probs, v[a:b])
-        return out
+        return out.to(torch.bfloat16)
 
     keywords = {"window_size", "enable_gqa", "scale"} if new_api else {"is_causal"}
     return attend, frozenset(keywords)
@@ -123,10 +124,23 @@ def test_the_varlen_call_attends_each_example_alone(new_api, window, monkeypatch
     spans = spans_of(position_ids)
     monkeypatch.setattr(packed_attention, "_varlen", lambda: kernel)
     out = packed_attention._varlen_attention(
-        q, k, v, spans, 0.3, None if window is None else window - 1
+        q, k, v, spans, 0.3, None if window is None else window - 1, torch.bfloat16
     )
-    expected = _reference(q, k, v, position_ids, window=window, scale=0.3)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert out.dtype == torch.bfloat16
+    expected = _reference(*(t.bfloat16().float() for t in (q, k, v)), position_ids, window, 0.3)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_autocast_sends_fp32_activations_to_the_half_kernel():
+    """Under bf16-mixed the activations are fp32 and autocast would run attention in bf16: the
+    varlen kernel (a custom op autocast leaves alone) must get bf16 too, not be passed over."""
+    q = torch.randn(1, 2, 4, 8)
+    assert packed_attention.half_dtype(q) is None
+    assert packed_attention.half_dtype(q.bfloat16()) is torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert packed_attention.half_dtype(q) is torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert packed_attention.half_dtype(q) is None
 
 
 @pytest.mark.gpu
@@ -157,3 +171,20 @@ def test_dropout_keeps_examples_apart():
     out2, _ = packed_sdpa_attention(None, q, k, v2, None, dropout=0.5, position_ids=position_ids)
     torch.testing.assert_close(out[:, : LENGTHS[0]], out2[:, : LENGTHS[0]])
     assert not torch.allclose(out[:, LENGTHS[0] :], out2[:, LENGTHS[0] :])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp32_activations_under_bf16_autocast_take_the_varlen_kernel(monkeypatch):
+    """The canonical job's condition (bf16-mixed: fp32 activations, bf16 autocast)."""
+    calls = []
+    real = packed_attention._varlen_attention
+    monkeypatch.setattr(
+        packed_attention, "_varlen_attention", lambda *a: calls.append(1) or real(*a)
+    )
+    q, k, v, position_ids = (t.cuda() for t in _inputs(heads=8, kv_heads=2, dim=64))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, _ = packed_sdpa_attention(None, q, k, v, None, position_ids=position_ids)
+    assert calls and out.dtype == torch.bfloat16
+    expected = _reference(q, k, v, position_ids)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)

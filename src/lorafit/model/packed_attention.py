@@ -7,8 +7,9 @@ including the blocks between examples that the mask throws away. Here each examp
 (each run of consecutive position ids) is attended on its own, causally, so nothing crosses an
 example boundary by construction:
 
-- on CUDA, where torch has `varlen_attn`, the whole batch in one flash-attention call over the
-  examples' cumulative lengths (what flash-attn's varlen kernels do, with no extra package);
+- on CUDA in half precision or under half autocast, where torch has `varlen_attn`, the whole
+  batch in one flash-attention call over the examples' cumulative lengths (what flash-attn's
+  varlen kernels do, with no extra package);
 - elsewhere, one `scaled_dot_product_attention(is_causal=True)` call per example.
 
 The example spans are found once per forward, not once per layer: every layer (and the
@@ -95,19 +96,35 @@ def _window(sliding_window: int | None, longest: int) -> int | None:
     return sliding_window - 1
 
 
-def _varlen_fits(dtype: torch.dtype, window: int | None) -> bool:
+HALF = (torch.float16, torch.bfloat16)
+
+
+def half_dtype(tensor: torch.Tensor) -> torch.dtype | None:
+    """The half precision attention on `tensor` computes in: its own dtype, or under autocast
+    (fp32 activations, as with Lightning's bf16-mixed) the autocast dtype, which is what
+    `scaled_dot_product_attention` would cast to. None when it computes in full precision."""
+    if tensor.dtype in HALF:
+        return tensor.dtype
+    kind = tensor.device.type
+    if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) in HALF:
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+def _varlen_fits(dtype: torch.dtype | None, window: int | None) -> bool:
     """Whether this torch's varlen flash kernel can do the call: half precision, and a
     sliding window only where it takes one."""
     kernel = _varlen()
-    if kernel is None or dtype not in (torch.float16, torch.bfloat16):
+    if kernel is None or dtype not in HALF:
         return False
     return window is None or "window_size" in kernel[1]
 
 
-def _varlen_attention(query, key, value, spans: Spans, scaling, window) -> torch.Tensor:
+def _varlen_attention(query, key, value, spans: Spans, scaling, window, dtype) -> torch.Tensor:
     varlen_attn, takes = _varlen()
-    # [batch, heads, tokens, dim] -> [batch * tokens, heads, dim], examples end to end.
-    q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (query, key, value))
+    # [batch, heads, tokens, dim] -> [batch * tokens, heads, dim], examples end to end, in the
+    # half precision autocast would give (the kernel is a custom op autocast does not cast).
+    q, k, v = (t.transpose(1, 2).flatten(0, 1).to(dtype) for t in (query, key, value))
     options = {}
     if query.shape[1] != key.shape[1]:
         if "enable_gqa" in takes:
@@ -174,8 +191,8 @@ def packed_sdpa_attention(
         position_ids = position_ids.expand(query.shape[0], -1)
     spans = spans_of(position_ids)
     window = _window(sliding_window, spans.longest)
-    if query.is_cuda and dropout == 0 and _varlen_fits(query.dtype, window):
-        return _varlen_attention(query, key, value, spans, scaling, window), None
+    if query.is_cuda and dropout == 0 and _varlen_fits(half := half_dtype(query), window):
+        return _varlen_attention(query, key, value, spans, scaling, window, half), None
     gqa = query.shape[1] != key.shape[1]  # grouped-query attention without copying heads
     rows = []
     for index, row in enumerate(spans.rows):
