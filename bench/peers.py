@@ -117,6 +117,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--with-trl", action="store_true", help="GPU suite: add TRL packed")
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a lorafit override for every variant (peers read the same config), e.g. "
+        "trainer.precision=bf16-mixed",
+    )
+    parser.add_argument(
         "--levers",
         help=f"comma-separated: lorafit packed again with each of {', '.join(LEVERS)}",
     )
@@ -228,7 +236,7 @@ def plan(args: argparse.Namespace) -> list[Variant]:
         key = kind + (f"+{lever}" if lever else "") + (f"@{seq}" if several else "")
         label = LABELS[kind] + (f", {lever}" if lever else "") + (f" @ {seq}" if several else "")
         overrides = common_overrides(args, seq) + KIND_OVERRIDES.get(kind, [])
-        overrides += LEVERS.get(lever, [])
+        overrides += args.set + LEVERS.get(lever, [])
         variants.append(Variant(key, kind, label, seq, overrides, checkpointing))
     if args.variants or args.profile:
         wanted = (args.profile or args.variants).split(",")
@@ -390,7 +398,8 @@ def report(variants: list[Variant], args: argparse.Namespace, data: str) -> str:
         f"data: {data}; sequence_len {', '.join(map(str, args.sequence_len))}; "
         f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} dropout={args.lora_dropout:g}; "
         f"lr {args.lr:g}; {args.warmup} warm-up + {args.steps} timed steps; seed {args.seed}; "
-        f"padded / flattened variants: {', '.join(map(str, examples)) or '-'} examples a step",
+        + (f"overrides {' '.join(args.set)}; " if args.set else "")
+        + f"padded / flattened variants: {', '.join(map(str, examples)) or '-'} examples a step",
         "",
         table(variants, args),
         "",

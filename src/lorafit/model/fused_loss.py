@@ -33,10 +33,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             t = targets[start : start + chunk_size]
             # As the plain path: the matmul in the compute dtype (bf16 under autocast), then fp32.
             logits = (h @ weight.T).float()
-            total += F.cross_entropy(logits, t, reduction="sum")
+            # One normalisation serves both: the loss reads log-probabilities, the gradient
+            # their exponent (a second softmax over the vocabulary cost as much again).
+            log_probs = logits.log_softmax(-1)
+            del logits
+            total += F.nll_loss(log_probs, t, reduction="sum")
             if want_hidden or want_weight:
                 # d(sum of cross entropy)/d(logits) = softmax - one_hot(target)
-                probs = logits.softmax(-1)
+                probs = log_probs.exp_()
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1
                 probs = probs.to(h.dtype)
                 if want_hidden:
