@@ -208,3 +208,20 @@ def test_two_process_ddp_gives_the_single_process_losses(tmp_path):
         rtol=0,
         atol=1e-5,
     )
+
+
+def test_bf16_on_cpu_trains_near_the_fp32_losses_with_fp32_adapters(tmp_path):
+    """trainer=cpu_bf16 model.dtype=bfloat16: bf16 base weights and autocast, fp32 LoRA."""
+    overrides = [*GOLDEN_RUN, "adapter=lora", "trainer=cpu_bf16", "model.dtype=bfloat16"]
+    cfg = compose_config(overrides, tmp_path)
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "cpu"
+    run = build_run(cfg)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    losses = logged(tmp_path, "train/loss")
+    # bf16 rounds each matmul to 8 bits of mantissa: near the fp32 golden run, not equal to it.
+    torch.testing.assert_close(losses, GOLDEN["lora"], rtol=1e-2, atol=0)
+    assert losses != GOLDEN["lora"] and losses[-1] < losses[0] - 0.2
+    base = [p for n, p in run.module.named_parameters() if "lora_" not in n]
+    lora = [p for n, p in run.module.named_parameters() if "lora_" in n]
+    assert {p.dtype for p in base} == {torch.bfloat16}
+    assert lora and {p.dtype for p in lora} == {torch.float32}
