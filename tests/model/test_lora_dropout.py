@@ -86,3 +86,68 @@ def test_less_is_kept_for_backward():
 
     peft_model, fused = _pair()
     assert saved_bytes(fused) < 0.8 * saved_bytes(peft_model)
+
+
+def _bf16_base_pair(p):
+    """bf16 base weights and fp32 adapters (peft's autocast_adapter_dtype), as a bf16 model
+    under QLoRA or `model.dtype=bfloat16` has them."""
+    peft_model, fused = _pair(p) if p else _pair_without_dropout()
+    for model in (peft_model, fused):
+        for name, param in model.named_parameters():
+            if "lora_" not in name:
+                param.data = param.data.bfloat16()
+    return peft_model, fused
+
+
+def _pair_without_dropout():
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = get_peft_model(
+            Tiny(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["up", "down"])
+        )
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(param, std=0.1)
+        models.append(model.train())
+    assert fuse_lora_dropout(models[1]) == 2
+    return models
+
+
+@pytest.mark.parametrize("p", [0.3, 0.0])
+@pytest.mark.parametrize("autocast", [True, False])
+def test_bf16_base_with_fp32_adapters_matches_peft_without_its_fp32_copy(p, autocast):
+    """peft casts each adapted layer's bf16 input to fp32; the fused path does not need to."""
+    peft_model, fused = _bf16_base_pair(p)
+    layer = fused.base_model.model.up
+    assert layer.cast_input_dtype_enabled is False
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(3, 5, 8).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        (loss, grads), (fused_loss, fused_grads) = (_run(m, x, 7) for m in (peft_model, fused))
+    torch.testing.assert_close(fused_loss, loss, rtol=2e-2, atol=2e-2)
+    for grad, expected in zip(fused_grads, grads, strict=True):
+        assert grad.dtype == expected.dtype
+        torch.testing.assert_close(grad, expected, rtol=3e-2, atol=3e-2)
+
+
+def test_bf16_inputs_are_kept_as_they_are_under_autocast():
+    """What backward keeps: the layer's own bf16 input, not a fp32 copy per adapted layer."""
+
+    def fp32_inputs_kept(model):
+        kept = []
+
+        def pack(t):
+            if t.dtype == torch.float32 and t.shape[-1] in (8, 16) and t.dim() == 3:
+                kept.append(t.shape)
+            return t
+
+        x = torch.randn(2, 64, 8).bfloat16()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(x).float().sum()
+        return kept
+
+    peft_model, fused = _bf16_base_pair(0.3)
+    assert fp32_inputs_kept(peft_model)  # peft keeps fp32 copies of the inputs
+    assert fp32_inputs_kept(fused) == []

@@ -7,9 +7,16 @@ mask, although `x` itself is already kept by the layers around it. For SmolLM2-1
 lora_A are one autograd function that keeps `x` (shared, no copy) and the mask as booleans,
 and rebuilds the dropped input in backward.
 
-The mask is drawn with the very call `nn.Dropout` makes (on a tensor of ones shaped like `x`),
-so the random stream, the masks and therefore the losses are those of peft's own path: same
-seed, same numbers (`tests/model/test_lora_dropout.py`).
+The mask is drawn with the very call `nn.Dropout` makes (on a tensor of ones shaped like `x`,
+in the adapter's dtype, as peft drops its cast input), so the random stream, the masks and
+therefore the losses are those of peft's own path: same seed, same numbers
+(`tests/model/test_lora_dropout.py`).
+
+peft also casts each adapted layer's input to the adapter's dtype first: with bf16 base weights
+and fp32 adapters, a full fp32 copy of the input per adapted layer, which autocast then casts
+back to bf16 for lora_A's matmul, and which backward keeps. Layers whose lora_A is a
+`DropoutLinear` (any dropout, 0 included) skip that cast: `DropoutLinear` casts only where no
+autocast does it, and keeps the input as the layer received it.
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ from torch import nn
 class _DropoutLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, p):  # noqa: ANN001, ANN205
-        scale = F.dropout(torch.ones_like(x), p, training=True)  # 0 or 1 / (1 - p)
-        out = F.linear(x * scale, weight)
+        # 0 or 1 / (1 - p), drawn as peft's dropout draws it on x cast to the adapter's dtype.
+        scale = F.dropout(torch.ones(x.shape, dtype=weight.dtype, device=x.device), p, True)
+        out = F.linear(_to_compute(x * scale, weight), weight)
         ctx.save_for_backward(x, weight, scale != 0)
         ctx.p = p
         return out
@@ -42,6 +50,13 @@ class _DropoutLinear(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
+def _to_compute(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x in the dtype lora_A's matmul takes: autocast's own (it casts), else the weight's."""
+    if x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(weight.dtype)
+
+
 class DropoutLinear(nn.Linear):
     """lora_A with the adapter's dropout inside; the same `weight`, so the same state dict."""
 
@@ -52,13 +67,14 @@ class DropoutLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
-            return F.linear(x, self.weight)
+            return F.linear(_to_compute(x, self.weight), self.weight)
         return _DropoutLinear.apply(x, self.weight, self.p)
 
 
 def fuse_lora_dropout(model: nn.Module) -> int:
-    """Move each plain LoRA layer's dropout into its lora_A; returns how many were moved.
-    Layers with a variant (DoRA...), a bias on lora_A or no dropout keep peft's path."""
+    """Move each plain LoRA layer's dropout (none counts as p=0) into its lora_A, and switch off
+    peft's input cast on layers whose every adapter moved; returns how many moved. Layers with a
+    variant (DoRA...) or a bias on lora_A keep peft's path."""
     moved = 0
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
@@ -67,15 +83,17 @@ def fuse_lora_dropout(model: nn.Module) -> int:
         for name, dropout in list(dropouts.items()):
             lora_a = module.lora_A[name]
             if (
-                type(dropout) is not nn.Dropout
-                or dropout.p == 0
+                type(dropout) not in (nn.Dropout, nn.Identity)
                 or type(lora_a) is not nn.Linear
                 or lora_a.bias is not None
                 or name in getattr(module, "lora_variant", {})
             ):
                 continue
-            module.lora_A[name] = DropoutLinear(lora_a, dropout.p)
+            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            module.lora_A[name] = DropoutLinear(lora_a, p)
             module.lora_A[name].train(lora_a.training)
             dropouts[name] = nn.Identity()
             moved += 1
+        if all(isinstance(a, DropoutLinear) for a in module.lora_A.values()):
+            module.cast_input_dtype_enabled = False  # DropoutLinear casts where it must
     return moved
