@@ -209,10 +209,12 @@ def _load_base(cfg, device: str):
     from hydra.utils import instantiate
 
     quantization = instantiate(cfg.adapter.quantization) if cfg.adapter.quantization else None
+    # sdpa_packed is lorafit's own; the peers attend packed rows with transformers' sdpa.
+    attention = cfg.model.attn_implementation
     model = instantiate(cfg.model.source).load_model(
         dtype=getattr(torch, cfg.model.dtype),
         quantization_config=quantization,
-        attn_implementation=cfg.model.attn_implementation,
+        attn_implementation="sdpa" if attention == "sdpa_packed" else attention,
         device_map={"": device} if quantization is not None else None,
     )
     return model, quantization is not None

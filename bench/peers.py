@@ -5,7 +5,7 @@
     python bench/peers.py --device cuda       # GPU: Mistral-7B-shaped QLoRA at 2048 and 8192
     python bench/peers.py --suite gpu --tiny  # the GPU variant list on CPU, without quantization
     python bench/peers.py --profile hf-flat   # torch.profiler over 2 steps of one variant
-    python bench/peers.py --levers sdpa_packed,plain-loss   # lorafit packed with each lever too
+    python bench/peers.py --levers sdpa,plain-loss   # lorafit packed with each lever too
 
 Variants (each in its own process, one after the other, so each peak memory is its own):
   lorafit-packed     lorafit's Trainer / LightningModule / DataModule (lorafit.training.build_run),
@@ -68,7 +68,9 @@ KIND_OVERRIDES = {
 }
 # --levers: lorafit packed again with one option changed, to measure what each one buys.
 LEVERS = {
-    "sdpa_packed": ["model.attn_implementation=sdpa_packed"],  # no block mask; varlen on CUDA
+    "sdpa": ["model.attn_implementation=sdpa"],  # transformers' block mask, the peers' path
+    "sdpa_packed": ["model.attn_implementation=sdpa_packed"],  # the default; varlen on CUDA
+    "adamw": ["optimizer=adamw"],  # torch's AdamW instead of the config's (paged on GPU)
     "plain-loss": ["model.loss_chunk_size=null"],  # the output layer's logits in full
     "no-dropout": ["adapter.dropout=0"],
 }
