@@ -27,11 +27,12 @@ from lorafit.model.module import CausalLMModule
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
+SDPA = "model.attn_implementation=sdpa"  # transformers' own attention, the block mask
 PATHS = {
-    "plain (full-vocabulary logits, peft's dropout)": ["model.loss_chunk_size=null"],
-    "fused loss": [],
-    "fused loss + dropout inside lora_A": [],
-    "the same with sdpa_packed": ["model.attn_implementation=sdpa_packed"],
+    "plain (full-vocabulary logits, peft's dropout)": ["model.loss_chunk_size=null", SDPA],
+    "fused loss": [SDPA],
+    "fused loss + dropout inside lora_A": [SDPA],
+    "the same with sdpa_packed (the default)": ["model.attn_implementation=sdpa_packed"],
 }
 
 

@@ -53,7 +53,8 @@ def test_fused_dropout_gives_peft_s_losses_and_gradients(autocast):
             (loss, grads), (fused_loss, fused_grads) = (
                 _run(m, x, seed) for m in (peft_model, fused)
             )
-            tolerance = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+            # fp32: bit for bit (same mask, same products); bf16: the same up to its rounding.
+            tolerance = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 0, "atol": 0}
             torch.testing.assert_close(fused_loss, loss, **tolerance)
             for grad, expected in zip(fused_grads, grads, strict=True):
                 torch.testing.assert_close(grad, expected, **tolerance)

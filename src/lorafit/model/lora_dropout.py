@@ -7,10 +7,9 @@ mask, although `x` itself is already kept by the layers around it. For SmolLM2-1
 lora_A are one autograd function that keeps `x` (shared, no copy) and the mask as booleans,
 and rebuilds the dropped input in backward.
 
-The mask is drawn with the very call `nn.Dropout` makes (on a tensor of ones shaped like `x`,
-in the adapter's dtype, as peft drops its cast input), so the random stream, the masks and
-therefore the losses are those of peft's own path: same seed, same numbers
-(`tests/model/test_lora_dropout.py`).
+The mask is drawn with the very call `nn.Dropout` makes (`bernoulli_(1 - p)`, over a tensor
+shaped like `x`), so the random stream, the masks and therefore the losses are those of peft's
+own path: same seed, same numbers (`tests/model/test_lora_dropout.py`).
 
 peft also casts each adapted layer's input to the adapter's dtype first: with bf16 base weights
 and fp32 adapters, a full fp32 copy of the input per adapted layer, which autocast then casts
@@ -29,10 +28,15 @@ from torch import nn
 class _DropoutLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, p):  # noqa: ANN001, ANN205
-        # 0 or 1 / (1 - p), drawn as peft's dropout draws it on x cast to the adapter's dtype.
-        scale = F.dropout(torch.ones(x.shape, dtype=weight.dtype, device=x.device), p, True)
-        out = F.linear(_to_compute(x * scale, weight), weight)
-        ctx.save_for_backward(x, weight, scale != 0)
+        # The mask nn.Dropout draws (the same bernoulli_ call on the same random stream, here
+        # into one byte a value), and its 1 / (1 - p) computed as it computes it, in the
+        # adapter's dtype: x * keep * scale is peft's x * noise bit for bit, in three passes
+        # over the input where dropping a tensor of ones took five.
+        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+        scale = torch.ones((), dtype=weight.dtype, device=x.device) / (1 - p)
+        dropped = torch.mul(x.to(weight.dtype), keep).mul_(scale)
+        out = F.linear(_to_compute(dropped, weight), weight)
+        ctx.save_for_backward(x, weight, keep)
         ctx.p = p
         return out
 
