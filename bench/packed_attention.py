@@ -2,6 +2,7 @@
 
     python bench/packed_attention.py               # CUDA: Mistral-7B's heads, rows of 2048, 8192
     python bench/packed_attention.py --tokens 512  # any row lengths (CPU: fp32, no varlen)
+    python bench/packed_attention.py --tokens 512 --heads 9 3 64 --dtype bfloat16   # SmolLM2's
 
 Paths: `sdpa` with the dense block-diagonal mask transformers builds for packed rows;
 `sdpa_packed` one fused causal call per example; `packed_sdpa_attention` as the model calls it
@@ -75,14 +76,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--heads",
+        type=int,
+        nargs=3,
+        metavar=("QUERY", "KEY_VALUE", "DIM"),
+        help="attention heads and head size (CUDA: 32 8 128, Mistral-7B's; CPU: 8 2 64)",
+    )
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="CUDA bf16, CPU fp32")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    heads, kv_heads, dim = (32, 8, 128) if cuda else (8, 2, 64)
+    device = "cuda" if cuda else "cpu"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    heads, kv_heads, dim = args.heads or ((32, 8, 128) if cuda else (8, 2, 64))
     kernel = packed_attention._varlen()
     card = torch.cuda.get_device_name() if cuda else "cpu"
     keywords = sorted(kernel[1]) if kernel else None
-    print(f"device {card}, torch {torch.__version__}, varlen_attn keywords: {keywords}")
+    print(f"device {card}, torch {torch.__version__}, {dtype}, varlen_attn keywords: {keywords}")
 
     def sync():
         if cuda:

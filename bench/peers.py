@@ -242,9 +242,13 @@ def plan(args: argparse.Namespace) -> list[Variant]:
         variants.append(Variant(key, kind, label, seq, overrides, checkpointing))
     if args.variants or args.profile:
         wanted = (args.profile or args.variants).split(",")
-        variants = [v for v in variants if v.key in wanted or v.key.split("@")[0] in wanted]
+
+        def asked(v: Variant) -> str | None:
+            """The name this variant was asked by: its key, or its key without @length."""
+            return next((name for name in (v.key, v.key.split("@")[0]) if name in wanted), None)
+
         # In the order asked for: a run cut short has what came first.
-        variants.sort(key=lambda v: wanted.index(v.key if v.key in wanted else v.key.split("@")[0]))
+        variants = sorted((v for v in variants if asked(v)), key=lambda v: wanted.index(asked(v)))
         if not variants:
             sys.exit(
                 f"no variant matches {wanted}; known: {', '.join(v.key for v in plan_keys(args))}"

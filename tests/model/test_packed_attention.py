@@ -188,3 +188,20 @@ def test_fp32_activations_under_bf16_autocast_take_the_varlen_kernel(monkeypatch
     assert calls and out.dtype == torch.bfloat16
     expected = _reference(q, k, v, position_ids)
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_one_row_of_position_ids_serves_the_whole_batch_once(monkeypatch):
+    """A model that makes its own position ids passes one row for the whole batch: the spans
+    are still found once per forward, not once per layer."""
+    calls = []
+    real = packed_attention.segments
+    monkeypatch.setattr(packed_attention, "segments", lambda p: calls.append(1) or real(p))
+    q, k, v, _ = _inputs()
+    position_ids = torch.arange(q.shape[2])[None]
+    for _layer in range(3):
+        out, _ = packed_sdpa_attention(None, q, k, v, None, position_ids=position_ids)
+    assert len(calls) == 1 and len(spans_of(position_ids, batch=2).rows) == 2
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True
+    ).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

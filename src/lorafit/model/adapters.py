@@ -97,7 +97,7 @@ class LoraAdapter:
             adapted = PeftModel.from_pretrained(model, Path(self.lora_model_dir), is_trainable=True)
         else:
             adapted = get_peft_model(model, self.config)
-        fuse_lora_dropout(adapted)  # same masks and losses, a quarter of the memory
+        fuse_lora_dropout(adapted)  # same masks and losses, less kept for backward
         return adapted
 
 

@@ -35,7 +35,7 @@ class _DropoutLinear(torch.autograd.Function):
         keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
         scale = torch.ones((), dtype=weight.dtype, device=x.device) / (1 - p)
         dropped = torch.mul(x.to(weight.dtype), keep).mul_(scale)
-        out = F.linear(_to_compute(dropped, weight), weight)
+        out = F.linear(dropped, weight)  # already the weight's dtype; autocast casts it on
         ctx.save_for_backward(x, weight, keep)
         ctx.p = p
         return out

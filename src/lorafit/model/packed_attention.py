@@ -60,16 +60,19 @@ def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
 _last: tuple[weakref.ref, Spans] | None = None
 
 
-def spans_of(position_ids: torch.Tensor) -> Spans:
-    """`Spans` of a [batch, tokens] position-ids tensor, computed once while it lives.
+def spans_of(position_ids: torch.Tensor, batch: int | None = None) -> Spans:
+    """`Spans` of a [rows, tokens] position-ids tensor, its one row repeated when it has one and
+    `batch` asks for more (as a model that made its own position ids passes them), computed
+    once while the tensor lives.
 
     The tensor itself is the key (a weak reference, so a new tensor at a freed address is never
     taken for the old one), which makes the one host synchronisation per forward, not per layer.
     """
     global _last
-    if _last is not None and _last[0]() is position_ids:
+    batch = batch or position_ids.shape[0]
+    if _last is not None and _last[0]() is position_ids and len(_last[1].rows) == batch:
         return _last[1]
-    rows = segments(position_ids)
+    rows = segments(position_ids.expand(batch, -1))
     length = position_ids.shape[1]
     bounds = [r * length + b for r, row in enumerate(rows) for _, b in row]
     cu = torch.tensor([0, *bounds], dtype=torch.int32, device=position_ids.device)
@@ -187,9 +190,7 @@ def packed_sdpa_attention(
             sliding_window=sliding_window,
             **kwargs,
         )
-    if position_ids.shape[0] != query.shape[0]:
-        position_ids = position_ids.expand(query.shape[0], -1)
-    spans = spans_of(position_ids)
+    spans = spans_of(position_ids, batch=query.shape[0])
     window = _window(sliding_window, spans.longest)
     if query.is_cuda and dropout == 0 and _varlen_fits(half := half_dtype(query), window):
         return _varlen_attention(query, key, value, spans, scaling, window, half), None
