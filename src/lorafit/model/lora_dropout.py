@@ -30,28 +30,46 @@ class _DropoutLinear(torch.autograd.Function):
     def forward(ctx, x, weight, p):  # noqa: ANN001, ANN205
         # The mask nn.Dropout draws (the same bernoulli_ call on the same random stream, here
         # into one byte a value), and its 1 / (1 - p) computed as it computes it, in the
-        # adapter's dtype: x * keep * scale is peft's x * noise bit for bit, in three passes
-        # over the input where dropping a tensor of ones took five.
+        # adapter's dtype. The scale stays a CPU scalar: multiplying a bf16 tensor by it is
+        # done in fp32 and rounded once, as peft's fp32 product cast to bf16 is, where a scale
+        # cast to bf16 would already be off in its third digit.
         keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
-        scale = torch.ones((), dtype=weight.dtype, device=x.device) / (1 - p)
-        dropped = torch.mul(x.to(weight.dtype), keep).mul_(scale)
-        out = F.linear(dropped, weight)  # already the weight's dtype; autocast casts it on
+        scale = torch.ones((), dtype=weight.dtype, device="cpu") / (1 - p)
+        compute = _to_compute(x, weight)
+        out = F.linear(_drop(compute, keep, scale), weight)  # autocast casts it on
         ctx.save_for_backward(x, weight, keep)
-        ctx.p = p
+        ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         x, weight, keep = ctx.saved_tensors
-        dtype = grad_out.dtype  # the forward's compute dtype (bf16 under autocast)
-        scale = keep.to(dtype) / (1 - ctx.p)
+        dtype = grad_out.dtype  # the forward's matmul dtype (bf16 under autocast)
+        compute = _to_compute(x, weight)  # what the mask was applied to, as in forward
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = ((grad_out @ weight.to(dtype)) * scale).to(x.dtype)
+            grad_dropped = (grad_out @ weight.to(dtype)).to(compute.dtype)
+            grad_x = _drop(grad_dropped, keep, ctx.scale, out=grad_dropped).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            dropped = (x.to(dtype) * scale).reshape(-1, x.shape[-1])
+            dropped = _drop(compute, keep, ctx.scale).to(dtype).reshape(-1, x.shape[-1])
             grad_weight = (grad_out.reshape(-1, grad_out.shape[-1]).T @ dropped).to(weight.dtype)
         return grad_x, grad_weight, None
+
+
+def _drop(
+    x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x * keep * scale, the product nn.Dropout makes, in x's dtype.
+
+    The byte mask is converted to x's dtype before the product: a float tensor times a bool
+    one takes torch's per-element casting loop on CPU (about 40x slower than a float product),
+    while a uint8 view converts in one vectorized pass. Multiplying by exactly 0 or 1 rounds
+    nothing, so this is bit for bit `x * keep * scale`.
+    """
+    mask = keep.view(torch.uint8).to(x.dtype)
+    if out is None:
+        return mask.mul_(x).mul_(scale)
+    return out.mul_(mask).mul_(scale)
 
 
 def _to_compute(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
