@@ -47,6 +47,7 @@ class StepMeter:
         self.cuda = cuda
         self.profile = profile
         self.times: list[float] = []
+        self.usage: list[resource.struct_rusage] = []  # this process's CPU time and faults
         self.tokens: list[int] = []
         self.losses: list[float] = []
         self._pending_tokens = 0
@@ -63,6 +64,7 @@ class StepMeter:
 
             torch.cuda.synchronize()  # the step's kernels have run, not merely been queued
         self.times.append(time.perf_counter())
+        self.usage.append(resource.getrusage(resource.RUSAGE_SELF))
         self.tokens.append(self._pending_tokens)
         self._pending_tokens = 0
         done = len(self.times)
@@ -102,12 +104,20 @@ class StepMeter:
         elapsed = self.times[-1] - self.times[self.warmup - 1]
         tokens = sum(self.tokens[timed])
         losses = self.losses[timed]
+        start, end = self.usage[self.warmup - 1], self.usage[-1]
+        user, system = end.ru_utime - start.ru_utime, end.ru_stime - start.ru_stime
         return {
             "steps": steps,
             "seconds": elapsed,
             "tokens": tokens,
             "tokens_per_s": tokens / elapsed,
             "tokens_per_step": tokens / steps,
+            # Where the wall-clock went: CPU time of this process (all its threads) over the
+            # timed steps, the kernel's share of it, and the pages first touched. On a shared
+            # host a step's CPU time varies less than its wall-clock.
+            "cpu_seconds_per_step": (user + system) / steps,
+            "system_share": system / (user + system) if user + system else math.nan,
+            "page_faults_per_step": (end.ru_minflt - start.ru_minflt) / steps,
             "mean_loss": sum(losses) / len(losses) if losses else math.nan,
             "step_losses": self.losses,
             "step_tokens": self.tokens,

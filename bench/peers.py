@@ -6,6 +6,7 @@
     python bench/peers.py --suite gpu --tiny  # the GPU variant list on CPU, without quantization
     python bench/peers.py --profile hf-flat   # torch.profiler over 2 steps of one variant
     python bench/peers.py --levers sdpa,plain-loss   # lorafit packed with each lever too
+    python bench/peers.py --variants lorafit-packed,hf-flat --rounds 3   # interleaved, medians
 
 Variants (each in its own process, one after the other, so each peak memory is its own):
   lorafit-packed     lorafit's Trainer / LightningModule / DataModule (lorafit.training.build_run),
@@ -30,6 +31,7 @@ import importlib.util
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,6 +89,7 @@ class Variant:
     result: dict = field(default_factory=dict)
     status: str = "pending"  # ok, skipped, failed
     note: str = ""
+    rounds: list[dict] = field(default_factory=list)  # each round's result, with --rounds
 
     @property
     def lorafit(self) -> bool:
@@ -139,6 +142,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the card's dense bf16 peak (H100/H200 989)",
     )
     parser.add_argument("--profile", metavar="VARIANT", help="profile 2 steps of one variant")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the variant list this many times, interleaved; the table gives each variant's "
+        "median round and the median of the per-round ratios (for a noisy host)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="variants at once (timings then clash)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
     parser.add_argument("--out", type=Path, help="write the raw results as JSON")
@@ -152,6 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.steps = 2
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be at least 1: timing starts at a step's end")
+    if args.rounds < 1 or (args.profile and args.rounds > 1):
+        parser.error("--rounds must be at least 1, and 1 with --profile")
     seq = defaults["seq"] if not (gpu and args.tiny) else TINY_GPU_SEQ
     args.sequence_len = args.sequence_len or seq
     args.lora_r = args.lora_r or defaults["r"]
@@ -261,10 +273,12 @@ def plan_keys(args: argparse.Namespace) -> list[Variant]:
 
 
 def run_variant(variant: Variant, args: argparse.Namespace, folder: Path) -> Variant:
+    """Run one variant in a worker process of its own; on success its result is appended to
+    `variant.rounds` and `variant.result` is the latest."""
     if variant.kind == "trl-packed" and importlib.util.find_spec("trl") is None:
         variant.status, variant.note = "skipped", "trl is not installed (pip install -e .[bench])"
         return variant
-    work = folder / variant.key.replace("@", "_")
+    work = folder / f"{variant.key.replace('@', '_')}_round{len(variant.rounds) + 1}"
     work.mkdir()
     spec = {
         "kind": variant.kind,
@@ -303,6 +317,7 @@ def run_variant(variant: Variant, args: argparse.Namespace, folder: Path) -> Var
         print(f"{variant.key} failed:\n{tail}", file=sys.stderr, flush=True)
     else:
         variant.result = json.loads((work / "result.json").read_text())
+        variant.rounds.append(variant.result)
         variant.status = "ok"
         print(
             f"{variant.key}: {variant.result['tokens_per_s']:.1f} tokens/s "
@@ -353,25 +368,67 @@ def _gib(value: float) -> str:
     return f"{value / 2**30:.2f} GiB"
 
 
+def _best_peer(variants: list[Variant], sequence_len: int, round_index: int | None = None):
+    """The fastest non-lorafit variant's tokens/s at this length: of its median run, or of
+    one round."""
+    speeds = [
+        (v.result if round_index is None else v.rounds[round_index])["tokens_per_s"]
+        for v in variants
+        if v.status == "ok"
+        and not v.lorafit
+        and v.sequence_len == sequence_len
+        and (round_index is None or round_index < len(v.rounds))
+    ]
+    return max(speeds, default=None)
+
+
+def vs_best_peer(variant: Variant, variants: list[Variant]) -> float | None:
+    """tokens/s over the best peer's; with several rounds, the median of the ratios taken
+    within each round (variants of one round ran minutes apart, not hours)."""
+    if len(variant.rounds) > 1:
+        ratios = []
+        for index, result in enumerate(variant.rounds):
+            peer = _best_peer(variants, variant.sequence_len, index)
+            if peer:
+                ratios.append(result["tokens_per_s"] / peer)
+        return statistics.median(ratios) if ratios else None
+    peer = _best_peer(variants, variant.sequence_len)
+    return variant.result["tokens_per_s"] / peer if peer else None
+
+
+PEAKS = ("peak_rss_kib", "cuda_allocated", "cuda_reserved", "cuda_allocated_with_load")
+
+
+def take_median_round(variant: Variant) -> None:
+    """With several rounds: the round of median tokens/s stands for the variant, with the
+    highest peak memory of any round."""
+    if len(variant.rounds) < 2:
+        return
+    ordered = sorted(variant.rounds, key=lambda r: r["tokens_per_s"])
+    result = dict(ordered[(len(ordered) - 1) // 2])
+    for key in PEAKS:
+        if all(key in r for r in variant.rounds):
+            result[key] = max(r[key] for r in variant.rounds)
+    variant.result = result
+
+
 def table(variants: list[Variant], args: argparse.Namespace) -> str:
     cuda = args.device == "cuda"
-    best: dict[int, float] = {}
-    for v in variants:
-        if v.status == "ok" and not v.lorafit:
-            speed = v.result["tokens_per_s"]
-            best[v.sequence_len] = max(best.get(v.sequence_len, 0.0), speed)
     columns = ["variant", "real tokens/s", "vs best peer", "peak memory", "mean loss", "steps"]
-    columns += ["tokens/step"] + (["share of bf16 peak"] if cuda else [])
+    columns += ["tokens/step"] + (["share of bf16 peak"] if cuda else ["CPU s/step"])
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for v in variants:
         if v.status != "ok":
             note = v.note.splitlines()[0] if v.status == "skipped" else "see the log above"
-            cells = [v.label, v.status, "", "", "", "", note] + ([""] if cuda else [])
+            cells = [v.label, v.status, "", "", "", "", note, ""]
             lines.append("| " + " | ".join(cells) + " |")
             continue
         r = v.result
-        peer = best.get(v.sequence_len)
-        ratio = f"{r['tokens_per_s'] / peer:.2f}x" if peer else "-"
+        ratio = vs_best_peer(v, variants)
+        speed = f"{r['tokens_per_s']:.1f}"
+        if len(v.rounds) > 1:
+            speeds = [x["tokens_per_s"] for x in v.rounds]
+            speed += f" ({min(speeds):.1f}-{max(speeds):.1f})"
         if cuda:
             memory = f"{_gib(r['cuda_allocated'])} alloc / {_gib(r['cuda_reserved'])} reserved"
             if r.get("cuda_allocated_with_load"):
@@ -380,8 +437,8 @@ def table(variants: list[Variant], args: argparse.Namespace) -> str:
             memory = f"{_gib(r['peak_rss_kib'] * 1024)} RSS"
         cells = [
             v.label,
-            f"{r['tokens_per_s']:.1f}",
-            ratio,
+            speed,
+            "-" if ratio is None else f"{ratio:.2f}x",
             memory,
             f"{r['mean_loss']:.4f}",
             str(r["steps"]),
@@ -391,6 +448,9 @@ def table(variants: list[Variant], args: argparse.Namespace) -> str:
             per_token = 8 if v.checkpointing else 6
             flops = per_token * r["n_params"] * r["tokens_per_s"]
             cells.append(f"{flops / (args.peak_tflops * 1e12):.1%}")
+        else:
+            cpu = r.get("cpu_seconds_per_step")
+            cells.append("-" if cpu is None else f"{cpu:.2f} ({r['system_share']:.0%} system)")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -414,6 +474,17 @@ def report(variants: list[Variant], args: argparse.Namespace, data: str) -> str:
         "and collation included). vs best peer: against the fastest non-lorafit variant of the "
         "same sequence_len. mean loss: of the timed steps.",
     ]
+    if args.rounds > 1:
+        lines.append(
+            f"{args.rounds} rounds, each running every variant once in the order listed: "
+            "tokens/s is the median round's (lowest to highest in brackets), vs best peer the "
+            "median of the ratios within each round, peak memory the highest of any round."
+        )
+    if args.device != "cuda":
+        lines.append(
+            "CPU s/step: this process's CPU time (all threads, user + system) per timed step; "
+            "on a shared host it varies less than the wall-clock."
+        )
     if args.device == "cuda":
         lines.append(
             "peak memory: torch's peak allocated and reserved over the steps after the first "
@@ -459,8 +530,11 @@ def main(argv: list[str] | None = None) -> int:
         return done
 
     with tempfile.TemporaryDirectory(prefix="lorafit-peers-") as folder:
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            list(pool.map(run, variants))
+        for _ in range(args.rounds):  # interleaved: each round runs the whole list once
+            with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+                list(pool.map(run, [v for v in variants if v.status != "skipped"]))
+    for variant in variants:
+        take_median_round(variant)
     args.wall_s = round(time.perf_counter() - start, 1)
     print(report(variants, args, data))
     if args.profile:

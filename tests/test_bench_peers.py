@@ -73,3 +73,42 @@ def test_every_variant_trains_at_the_tiny_shape(tmp_path: Path) -> None:
             assert float(table[variant["label"]][1]) > 0
             assert math.isfinite(float(table[variant["label"]][4]))
         assert "command: python bench/peers.py" in stdout and "torch " in stdout
+
+
+def _harness():
+    spec = importlib.util.spec_from_file_location("peers", HARNESS)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["peers"] = module  # dataclasses resolve the module's annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rounds_compare_within_each_round_and_keep_the_highest_peak() -> None:
+    """With --rounds the ratio is the median of same-round ratios, not a ratio of medians: a
+    host that slows down for a whole round must not read as one trainer being faster."""
+    peers = _harness()
+
+    def variant(kind: str, speeds: list[float], peaks: list[int]):
+        v = peers.Variant(kind, kind, kind, 512, [], False, status="ok")
+        v.rounds = [
+            {"tokens_per_s": s, "peak_rss_kib": p, "round": i, "mean_loss": 1.0}
+            | {"steps": 20, "tokens_per_step": 500.0}
+            for i, (s, p) in enumerate(zip(speeds, peaks, strict=True))
+        ]
+        v.result = v.rounds[-1]
+        return v
+
+    # Round 2 ran on a host half as fast. Two rounds of three say lorafit is 1.5x the peer;
+    # the medians alone (120 against 100) would say 1.2x.
+    lorafit = variant("lorafit-packed", [150.0, 75.0, 120.0], [10, 30, 20])
+    flat = variant("hf-flat", [100.0, 50.0, 100.0], [40, 40, 40])
+    slow = variant("hf-padded", [80.0, 40.0, 70.0], [50, 50, 50])
+    for v in (lorafit, flat, slow):
+        peers.take_median_round(v)
+    variants = [lorafit, flat, slow]
+    assert peers.vs_best_peer(lorafit, variants) == pytest.approx(1.5)
+    assert lorafit.result["tokens_per_s"] == 120.0 and lorafit.result["round"] == 2
+    assert lorafit.result["peak_rss_kib"] == 30  # the highest of any round
+    assert peers.vs_best_peer(flat, variants) == pytest.approx(1.0)
+    table = peers.table(variants, peers.parse_args(["--rounds", "3"]))
+    assert "| lorafit-packed | 120.0 (75.0-150.0) | 1.50x |" in table
