@@ -6,10 +6,10 @@
 
 Paths: `sdpa` with the dense block-diagonal mask transformers builds for packed rows;
 `sdpa_packed` one fused causal call per example; `packed_sdpa_attention` as the model calls it
-(on CUDA in bf16, torch's varlen flash kernel); and, as a floor that does not isolate examples,
-one causal call over the whole row. Examples are 100-400 tokens, like alpaca's. Prints the
-median milliseconds of a forward + backward and each path's largest difference from the
-per-example path.
+(on CUDA in bf16, torch's varlen flash kernel; on a CPU without AMX, bf16 attended in fp32);
+and, as a floor that does not isolate examples, one causal call over the whole row. Examples
+are 100-400 tokens, like alpaca's. Prints the median milliseconds of a forward + backward and
+each path's largest difference from the per-example path.
 """
 
 from __future__ import annotations

@@ -143,6 +143,32 @@ def test_autocast_sends_fp32_activations_to_the_half_kernel():
         assert packed_attention.half_dtype(q) is None
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("in_fp32", [True, False])
+def test_half_attention_on_a_cpu_without_amx_runs_in_fp32(in_fp32, autocast, monkeypatch):
+    """Where the CPU has no AMX, bf16 attention is computed in fp32 and rounded once (the
+    fp32 kernel is the faster one there); elsewhere it stays bf16. Either way the output and
+    the gradients come back in bf16, each example alone."""
+    monkeypatch.setattr(packed_attention, "cpu_attends_half_in_fp32", lambda: in_fp32)
+    q, k, v, position_ids = _inputs(heads=4, kv_heads=2, dim=16)
+    q, k, v = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out, _ = packed_sdpa_attention(None, q, k, v, None, position_ids=position_ids)
+    out.float().square().sum().backward()
+    assert out.dtype == q.grad.dtype == k.grad.dtype == torch.bfloat16
+    fp32 = _reference(*(t.detach().float() for t in (q, k, v)), position_ids)
+    if in_fp32:  # the fp32 result, rounded to bf16 once
+        torch.testing.assert_close(out, fp32.bfloat16(), rtol=0, atol=0)
+    else:  # bf16's own kernel rounds along the way
+        assert not torch.equal(out, fp32.bfloat16())
+        torch.testing.assert_close(out.float(), fp32, rtol=2e-2, atol=2e-2)
+
+
+def test_this_cpu_s_half_attention_choice_follows_amx():
+    amx = torch.cpu._is_amx_tile_supported()
+    assert packed_attention.cpu_attends_half_in_fp32() is not amx
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("window", [None, 4])

@@ -10,7 +10,10 @@ example boundary by construction:
 - on CUDA in half precision or under half autocast, where torch has `varlen_attn`, the whole
   batch in one flash-attention call over the examples' cumulative lengths (what flash-attn's
   varlen kernels do, with no extra package);
-- elsewhere, one `scaled_dot_product_attention(is_causal=True)` call per example.
+- elsewhere, one `scaled_dot_product_attention(is_causal=True)` call per example; on a CPU
+  without AMX, half precision inputs are attended in fp32 and the output rounded back, since
+  there torch's CPU flash kernel runs slower in bf16 than in fp32 (`bench/packed_attention.py
+  --tokens 512 --heads 9 3 64 --dtype bfloat16`, docs/benchmarks.md).
 
 The example spans are found once per forward, not once per layer: every layer (and the
 recomputation of checkpointed layers) receives the same position-ids tensor, and the spans of
@@ -114,6 +117,15 @@ def half_dtype(tensor: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+@functools.cache
+def cpu_attends_half_in_fp32() -> bool:
+    """Whether half precision attention on this CPU runs in fp32: where it has no AMX tiles,
+    torch's CPU flash attention converts every bf16 block to fp32 on its own and then runs
+    slower than fp32 inputs do. With AMX the half kernel is the fast one."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return not (amx is not None and amx())
+
+
 def _varlen_fits(dtype: torch.dtype | None, window: int | None) -> bool:
     """Whether this torch's varlen flash kernel can do the call: half precision, and a
     sliding window only where it takes one."""
@@ -192,8 +204,21 @@ def packed_sdpa_attention(
         )
     spans = spans_of(position_ids, batch=query.shape[0])
     window = _window(sliding_window, spans.longest)
-    if query.is_cuda and dropout == 0 and _varlen_fits(half := half_dtype(query), window):
+    half = half_dtype(query)
+    if query.is_cuda and dropout == 0 and _varlen_fits(half, window):
         return _varlen_attention(query, key, value, spans, scaling, window, half), None
+    if query.device.type == "cpu" and half is not None and cpu_attends_half_in_fp32():
+        # In fp32 with autocast off (it would cast back down), then the dtype the half path
+        # returns; backward makes fp32 gradients and casts them to the inputs' dtypes.
+        with torch.autocast("cpu", enabled=False):
+            q, k, v = (t.float() for t in (query, key, value))
+            out = _per_example(q, k, v, spans, scaling, window, dropout)
+        return out.to(half), None
+    return _per_example(query, key, value, spans, scaling, window, dropout), None
+
+
+def _per_example(query, key, value, spans: Spans, scaling, window, dropout=0.0) -> torch.Tensor:
+    """[batch, tokens, heads, head_dim]: one fused causal call per packed example."""
     gqa = query.shape[1] != key.shape[1]  # grouped-query attention without copying heads
     rows = []
     for index, row in enumerate(spans.rows):
@@ -203,7 +228,7 @@ def packed_sdpa_attention(
             for a, b in row
         ]
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
-    return torch.cat(rows).transpose(1, 2).contiguous(), None
+    return torch.cat(rows).transpose(1, 2).contiguous()
 
 
 def _mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
