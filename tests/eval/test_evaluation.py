@@ -4,6 +4,7 @@ writes its report, compares with a base-model run, and the merged export keeps t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -143,9 +144,31 @@ def test_qlora_eval_reproduces_its_training_validation_loss(tmp_path):
 
 
 def _cli(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return _clis([script, *args], cwd=cwd)[0]
+
+
+def _clis(*calls: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Run entry points at once, each `[script, *args]`, one torch thread each: the calls of
+    this module are independent (each writes a folder of its own), and most of a call is
+    importing its libraries."""
     root = Path(__file__).resolve().parents[2]
-    command = [sys.executable, str(root / script), *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if len(calls) > 1 else None
+    started = [
+        subprocess.Popen(
+            [sys.executable, str(root / script), *args],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for script, *args in calls
+    ]
+    done = []
+    for process in started:
+        stdout, stderr = process.communicate(timeout=300)
+        done.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return done
 
 
 @pytest.mark.slow
@@ -153,35 +176,43 @@ def test_the_tools_write_inside_the_run_they_read_and_bad_input_leaves_no_folder
     run = tmp_path / "run"
     train(compose_config([*TINY, "trainer.max_steps=2"], run))
     quick = ["eval.max_samples=2", "eval.max_new_tokens=3"]
-    result = _cli("eval.py", f"ckpt={run}", *quick, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    (evaluation,) = (run / "eval").iterdir()
-    assert (evaluation / "metrics.json").is_file() and (evaluation / "report.md").is_file()
-    result = _cli("export.py", f"ckpt={run}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert (run / "merged" / "config.json").is_file()
-    assert not (tmp_path / "outputs").exists()  # nothing in the working folder
-    # generate.py: the answer alone on stdout, the logs on stderr.
-    result = _cli("generate.py", f"ckpt={run}", "prompt=Name a colour.", *quick, cwd=tmp_path)
-    assert result.returncode == 0 and "[INFO]" not in result.stdout and "[INFO]" in result.stderr
     questions = tmp_path / "questions.txt"
     questions.write_text("Name a colour.\nAdd 2 and 3.\nName a capital.\n")
-    result = _cli("generate.py", f"ckpt={run}", f"prompts_file={questions}", *quick, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    answered = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [a["instruction"] for a in answered] == questions.read_text().splitlines()
-    assert all(isinstance(a["output"], str) for a in answered)
+    evaluated, exported, generated = _clis(
+        ["eval.py", f"ckpt={run}", *quick],
+        ["export.py", f"ckpt={run}"],
+        ["generate.py", f"ckpt={run}", "prompt=Name a colour.", *quick],
+        cwd=tmp_path,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    (evaluation,) = (run / "eval").iterdir()
+    assert (evaluation / "metrics.json").is_file() and (evaluation / "report.md").is_file()
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert (run / "merged" / "config.json").is_file()
+    # generate.py: the answer alone on stdout, the logs on stderr.
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    assert "[INFO]" not in generated.stdout and "[INFO]" in generated.stderr
+    assert not (tmp_path / "outputs").exists()  # nothing in the working folder
     # Bad input: refused before Hydra makes a folder, or after, and the folder removed again.
     broken = tmp_path / "broken"
     shutil.copytree(run, broken, ignore=shutil.ignore_patterns("eval", "generate", "export"))
     (broken / "adapter" / "adapter_model.safetensors").write_bytes(b"not weights")
-    assert _cli("eval.py", f"ckpt={tmp_path / 'nope'}", cwd=tmp_path).returncode == 2
-    result = _cli("eval.py", f"ckpt={broken}", cwd=tmp_path)
-    assert result.returncode == 2 and "not a readable safetensors file" in result.stderr
-    assert not (broken / "eval").exists() and not (tmp_path / "outputs").exists()
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"instruction": "a"}\n')
     bad_data = ["experiment=tiny", "data=local", f"data.datasets.0.path={rows}"]
-    result = _cli("train.py", *bad_data, f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path)
-    assert result.returncode == 2 and "no row has the field 'output'" in result.stderr
+    answered, missing, unreadable, no_output = _clis(
+        ["generate.py", f"ckpt={run}", f"prompts_file={questions}", *quick],
+        ["eval.py", f"ckpt={tmp_path / 'nope'}"],
+        ["eval.py", f"ckpt={broken}"],
+        ["train.py", *bad_data, f"hydra.run.dir={tmp_path / 'bad'}"],
+        cwd=tmp_path,
+    )
+    assert answered.returncode == 0, answered.stderr[-2000:]
+    rows_out = [json.loads(line) for line in answered.stdout.splitlines()]
+    assert [a["instruction"] for a in rows_out] == questions.read_text().splitlines()
+    assert all(isinstance(a["output"], str) for a in rows_out)
+    assert missing.returncode == 2
+    assert unreadable.returncode == 2 and "not a readable safetensors file" in unreadable.stderr
+    assert not (broken / "eval").exists() and not (tmp_path / "outputs").exists()
+    assert no_output.returncode == 2 and "no row has the field 'output'" in no_output.stderr
     assert not (tmp_path / "bad").exists()
