@@ -217,7 +217,7 @@ def packed_sdpa_attention(
     return _per_example(query, key, value, spans, scaling, window, dropout), None
 
 
-def _per_example(query, key, value, spans: Spans, scaling, window, dropout=0.0) -> torch.Tensor:
+def _per_example(query, key, value, spans: Spans, scaling, window, dropout) -> torch.Tensor:
     """[batch, tokens, heads, head_dim]: one fused causal call per packed example."""
     gqa = query.shape[1] != key.shape[1]  # grouped-query attention without copying heads
     rows = []
