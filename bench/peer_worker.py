@@ -169,10 +169,9 @@ def model_size(cfg) -> int:
     embedding (a lookup). Counted on the meta device, so a 4-bit load's packing does not
     halve it."""
     import torch
-    from hydra.utils import instantiate
     from transformers import AutoModelForCausalLM
 
-    config = instantiate(cfg.model.source).load_config()
+    config = instantiate_config(cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
@@ -180,6 +179,22 @@ def model_size(cfg) -> int:
     if embedding is not model.get_output_embeddings().weight:
         total -= embedding.numel()
     return total
+
+
+def recomputed_share(cfg, kind: str) -> float:
+    """The share of decoder layers gradient checkpointing recomputes in backward: lorafit's
+    every `model.checkpoint_every`-th layer (0, n, 2n, ...), the peers' every layer."""
+    if not cfg.model.gradient_checkpointing:
+        return 0.0
+    every = cfg.model.get("checkpoint_every", 1) if kind.startswith("lorafit") else 1
+    layers = instantiate_config(cfg).num_hidden_layers
+    return math.ceil(layers / every) / layers
+
+
+def instantiate_config(cfg):
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.model.source).load_config()
 
 
 # ---------------------------------------------------------------- lorafit
@@ -421,6 +436,7 @@ def main() -> None:
         **meter.summary(),
         "wall_s": time.perf_counter() - start,
         "n_params": model_size(cfg),
+        "recomputed_share": recomputed_share(cfg, kind),
         "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "profile": meter.profile_table,
         "threads": torch.get_num_threads(),

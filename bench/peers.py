@@ -75,6 +75,9 @@ LEVERS = {
     "adamw": ["optimizer=adamw"],  # torch's AdamW instead of the config's (paged on GPU)
     "plain-loss": ["model.loss_chunk_size=null"],  # the output layer's logits in full
     "no-dropout": ["adapter.dropout=0"],
+    # Gradient checkpointing's granularity (with it on, as on GPU): memory for speed.
+    "ckpt-every-2": ["model.checkpoint_every=2"],  # recompute every other layer
+    "no-ckpt": ["model.gradient_checkpointing=false"],  # keep every layer's activations
 }
 
 
@@ -445,7 +448,9 @@ def table(variants: list[Variant], args: argparse.Namespace) -> str:
             f"{r['tokens_per_step']:.0f}",
         ]
         if cuda:
-            per_token = 8 if v.checkpointing else 6
+            # Recomputing a layer repeats its forward: 2 N more for a share of the layers.
+            share = r.get("recomputed_share", 1.0 if v.checkpointing else 0.0)
+            per_token = 6 + 2 * share
             flops = per_token * r["n_params"] * r["tokens_per_s"]
             cells.append(f"{flops / (args.peak_tflops * 1e12):.1%}")
         else:
@@ -492,7 +497,7 @@ def report(variants: list[Variant], args: argparse.Namespace, data: str) -> str:
         )
         lines.append(
             "share of bf16 peak: 6 N FLOPs per token (8 N with gradient checkpointing's "
-            f"recomputation), N the base model's parameters less the input embedding, against "
+            "recomputation of every layer, 7 N of every other), N the base model's parameters less the input embedding, against "
             f"{args.peak_tflops:g} TFLOP/s; attention FLOPs are not counted."
         )
     lines.append(f"the whole run, model loads included: {args.wall_s:.0f} s")

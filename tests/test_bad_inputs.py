@@ -302,6 +302,12 @@ CASES = [
     ("sanity steps below -1", ["trainer.num_sanity_val_steps=-5"], None, r"num_sanity_val_steps"),
     ("switch that is not a switch", ["data.sample_packing=banana"], None, r"true or false"),
     ("number as a switch", ["model.gradient_checkpointing=3"], None, r"true or false"),
+    (
+        "checkpointing every zeroth layer",
+        ["model.gradient_checkpointing=true", "model.checkpoint_every=0"],
+        None,
+        r"model\.checkpoint_every=0: expected an integer >= 1",
+    ),
     ("unknown wandb watch", ["logger=wandb", "logger.wandb.watch=weights"], None, r"wandb\.watch"),
     (
         "nothing to adapt",

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import compose_config
+
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "bench" / "peers.py"
 CPU_SUITE = {
@@ -112,3 +114,43 @@ def test_rounds_compare_within_each_round_and_keep_the_highest_peak() -> None:
     assert peers.vs_best_peer(flat, variants) == pytest.approx(1.0)
     table = peers.table(variants, peers.parse_args(["--rounds", "3"]))
     assert "| lorafit-packed | 120.0 (75.0-150.0) | 1.50x |" in table
+
+
+def test_the_flop_count_follows_the_layers_checkpointing_recomputes() -> None:
+    """The GPU table's share of the card counts 2 N more FLOPs a token for the recomputed share
+    of the layers: every layer, every other one with the `ckpt-every-2` lever, none without
+    checkpointing. A wrong share would overstate or understate how much of the card is used."""
+    spec = importlib.util.spec_from_file_location("peer_worker", ROOT / "bench" / "peer_worker.py")
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    preset = ["experiment=mistral7b_random_qlora"]  # 32 layers, checkpointing on
+
+    def share(overrides: list[str], kind: str = "lorafit-packed") -> float:
+        return worker.recomputed_share(compose_config([*preset, *overrides]), kind)
+
+    assert share([]) == 1.0
+    assert share(_harness().LEVERS["ckpt-every-2"]) == 0.5
+    assert share(["model.checkpoint_every=3"]) == 11 / 32  # layers 0, 3, ..., 30
+    assert share(_harness().LEVERS["no-ckpt"]) == 0.0
+    assert share(["model.checkpoint_every=2"], kind="hf-flat") == 1.0  # peers: every layer
+
+    peers = _harness()
+    rows = []
+    for key, recomputed in (("every", 1.0), ("half", 0.5), ("none", 0.0)):
+        v = peers.Variant(key, "lorafit-packed", key, 2048, [], True, status="ok")
+        v.result = {
+            "tokens_per_s": 1000.0,
+            "n_params": 10**9,
+            "recomputed_share": recomputed,
+            "cuda_allocated": 2**30,
+            "cuda_reserved": 2**30,
+            "cuda_allocated_with_load": 2**30,
+            "mean_loss": 1.0,
+            "steps": 6,
+            "tokens_per_step": 2048.0,
+        }
+        rows.append(v)
+    args = peers.parse_args(["--device", "cuda", "--peak-tflops", "100"])
+    table = _table_rows(peers.table(rows, args))
+    # 1000 tokens/s x 10^9 parameters x 8, 7 and 6 FLOPs, against 100 TFLOP/s.
+    assert [table[k][-1] for k in ("every", "half", "none")] == ["8.0%", "7.0%", "6.0%"]

@@ -148,6 +148,8 @@ def check_values(cfg: DictConfig) -> None:
     check_logger(cfg.get("logger") or {})
     check_eval(cfg)
     _require(model.dtype in DTYPES, "model.dtype", model.dtype, " or ".join(DTYPES))
+    every = model.get("checkpoint_every", 1)
+    _require(_is_int(every) and every >= 1, "model.checkpoint_every", every, "an integer >= 1")
     _require(
         model.attn_implementation in ATTENTION_BACKENDS,
         "model.attn_implementation",

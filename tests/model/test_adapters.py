@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from transformers import MistralConfig, MistralForCausalLM
 
-from helpers import TINY, compose_config, logged
+from helpers import TINY, compose_config, logged, packed_test_module
 from lorafit.errors import QuantizationUnavailableError
 from lorafit.model.adapters import trainable_parameters
 from lorafit.training import build_run, train
@@ -93,3 +93,36 @@ def test_qlora_without_bitsandbytes_stops_before_training(tmp_path, monkeypatch)
     with pytest.raises(QuantizationUnavailableError, match="adapter=qlora"):
         run.trainer.fit(run.module, datamodule=run.datamodule)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def _step_with_recompute_counts(checkpointing: bool, every: int = 1):
+    """Loss, adapter gradients and how often each layer's MLP ran in one forward + backward of
+    a 4-layer tiny model."""
+    module = packed_test_module(
+        checkpointing=checkpointing,
+        overrides=("model.source.num_hidden_layers=4", f"model.checkpoint_every={every}"),
+    )
+    runs = [0] * 4
+    for index, layer in enumerate(module.model.get_base_model().model.layers):
+        # The MLP is inside the checkpointed forward, so a recomputed layer enters it twice (a
+        # pre-hook: torch stops a recomputation once it has what backward needs, before the
+        # MLP returns).
+        layer.mlp.register_forward_pre_hook(lambda *_, i=index: runs.__setitem__(i, runs[i] + 1))
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    loss = module(ids).float().logsumexp(-1).mean()
+    loss.backward()
+    grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, runs
+
+
+def test_checkpointing_every_second_layer_recomputes_only_those_with_the_same_gradients():
+    loss, grads, runs = _step_with_recompute_counts(checkpointing=False)
+    assert runs == [1, 1, 1, 1]
+    for every, expected in ((1, [2, 2, 2, 2]), (2, [2, 1, 2, 1]), (3, [2, 1, 1, 2])):
+        checked_loss, checked_grads, runs = _step_with_recompute_counts(True, every)
+        assert runs == expected, every
+        # Recomputation repeats the same operations on the same inputs: identical results.
+        torch.testing.assert_close(checked_loss, loss, rtol=0, atol=0)
+        torch.testing.assert_close(checked_grads, grads, rtol=0, atol=0)
+    # Without checkpointing the setting changes nothing.
+    assert _step_with_recompute_counts(False, every=2)[2] == [1, 1, 1, 1]

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lorafit.errors import ConfigError
 from lorafit.model.lora_dropout import fuse_lora_dropout
@@ -28,7 +29,7 @@ def quantization_bits(quantization: BitsAndBytesConfig | None) -> int | None:
     return None
 
 
-def _enable_gradient_checkpointing(model: PreTrainedModel, quantized: bool) -> None:
+def _enable_gradient_checkpointing(model: PreTrainedModel, quantized: bool, every: int) -> None:
     # Non-reentrant checkpointing gives gradients to adapter weights even though the inputs
     # of the frozen base do not require grad; the reentrant variant would silently not.
     kwargs = {"use_reentrant": False}
@@ -42,6 +43,21 @@ def _enable_gradient_checkpointing(model: PreTrainedModel, quantized: bool) -> N
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
+    checkpoint_every_nth_layer(model, every)
+
+
+def checkpoint_every_nth_layer(model: torch.nn.Module, every: int) -> int:
+    """Keep checkpointing on for decoder layers 0, n, 2n, ... only; the others keep their
+    activations for backward and are not recomputed. Returns how many layers checkpoint.
+
+    Set here rather than through transformers' own `every_n_layers`, which only its newer
+    releases take. The same loss and gradients either way: only what backward recomputes
+    changes, so memory is traded back for speed where the card has room.
+    """
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = layer.gradient_checkpointing and index % every == 0
+    return sum(layer.gradient_checkpointing for layer in layers)
 
 
 class LoraAdapter:
@@ -87,10 +103,13 @@ class LoraAdapter:
     def bits(self) -> int | None:
         return quantization_bits(self.quantization)
 
-    def apply(self, model: PreTrainedModel, gradient_checkpointing: bool) -> PeftModel:
-        """Freeze the base and attach the adapter; only adapter weights require grad."""
+    def apply(
+        self, model: PreTrainedModel, gradient_checkpointing: bool, checkpoint_every: int = 1
+    ) -> PeftModel:
+        """Freeze the base and attach the adapter; only adapter weights require grad. With
+        checkpointing, every `checkpoint_every`-th decoder layer recomputes its activations."""
         if gradient_checkpointing:
-            _enable_gradient_checkpointing(model, quantized=self.bits is not None)
+            _enable_gradient_checkpointing(model, self.bits is not None, checkpoint_every)
         elif self.bits is not None:
             prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if self.lora_model_dir:
@@ -107,9 +126,11 @@ class FullFineTune:
     quantization = None
     bits = None
 
-    def apply(self, model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
+    def apply(
+        self, model: PreTrainedModel, gradient_checkpointing: bool, checkpoint_every: int = 1
+    ) -> PreTrainedModel:
         if gradient_checkpointing:
-            _enable_gradient_checkpointing(model, quantized=False)
+            _enable_gradient_checkpointing(model, False, checkpoint_every)
         model.requires_grad_(True)
         return model
 

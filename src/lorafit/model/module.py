@@ -30,7 +30,7 @@ class CausalLMModule(pl.LightningModule):
 
     Args:
         model: The `model` config group (`source`, `dtype`, `attn_implementation`,
-            `gradient_checkpointing`).
+            `gradient_checkpointing`, `checkpoint_every`).
         adapter: The `adapter` config group (instantiates a LoraAdapter or FullFineTune).
         optimizer: A partial optimizer config (`_partial_: true`), finished with the
             trainable parameters.
@@ -82,7 +82,12 @@ class CausalLMModule(pl.LightningModule):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             base = self._load_base(spec, adapter, device)
         disable_cpu_weight_repacking(base)
-        self.model = adapter.apply(base, gradient_checkpointing=spec["gradient_checkpointing"])
+        self.model = adapter.apply(
+            base,
+            gradient_checkpointing=spec["gradient_checkpointing"],
+            # Absent from the configs of runs saved before the key existed: every layer.
+            checkpoint_every=spec.get("checkpoint_every", 1),
+        )
         # from_pretrained returns eval mode, and Lightning keeps the modes it finds: without
         # this, dropout (lora_dropout included) would silently never apply.
         self.model.train()
