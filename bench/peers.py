@@ -497,7 +497,8 @@ def report(variants: list[Variant], args: argparse.Namespace, data: str) -> str:
         )
         lines.append(
             "share of bf16 peak: 6 N FLOPs per token (8 N with gradient checkpointing's "
-            "recomputation of every layer, 7 N of every other), N the base model's parameters less the input embedding, against "
+            "recomputation of every layer, 7 N of every other), N the base model's parameters "
+            "less the input embedding, against "
             f"{args.peak_tflops:g} TFLOP/s; attention FLOPs are not counted."
         )
     lines.append(f"the whole run, model loads included: {args.wall_s:.0f} s")
