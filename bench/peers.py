@@ -78,6 +78,7 @@ LEVERS = {
     # Gradient checkpointing's granularity (with it on, as on GPU): memory for speed.
     "ckpt-every-2": ["model.checkpoint_every=2"],  # recompute every other layer
     "no-ckpt": ["model.gradient_checkpointing=false"],  # keep every layer's activations
+    "liger": ["model.liger_kernels=true"],  # Liger's RMSNorm, SwiGLU and RoPE (CUDA)
 }
 
 

@@ -15,6 +15,8 @@
 #   bitsandbytes==0.50.2              4-bit and 8-bit quantization, paged AdamW (43 MB)
 #   hydra-core==1.3.8, omegaconf==2.3.1, antlr4-python3-runtime==4.9.3 (an sdist: built here)
 #   datasets==5.2.0, dill==0.4.1, multiprocess==0.70.19
+#   liger-kernel==0.8.5               Triton kernels of `model.liger_kernels` (pure Python; the
+#                                     images' CUDA torch brings Triton)
 #   mistral-common==1.13.1: only its data/tokenizer.model.v1 (0.5 MB), the Mistral tokenizer
 # `run` installs them into a private folder (no index, nothing else touched), puts it and src/
 # on PYTHONPATH (no pip install of lorafit), prints the card and the stack, runs the suite, and
@@ -31,6 +33,7 @@ BINARY_WHEELS=(
     datasets==5.2.0
     dill==0.4.1
     multiprocess==0.70.19
+    liger-kernel==0.8.5
 )
 TOKENIZER_PACKAGE=mistral-common==1.13.1
 TOKENIZER_FILE=mistral_common/data/tokenizer.model.v1
@@ -81,7 +84,7 @@ import bitsandbytes, datasets, hydra, lightning, lorafit, peft, transformers  # 
 card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
 print("card:", card)
 for name in ("torch", "transformers", "peft", "lightning", "bitsandbytes", "hydra-core",
-             "datasets"):
+             "datasets", "liger-kernel"):
     print(f"{name} {version(name)}")
 EOF
 }

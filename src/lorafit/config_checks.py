@@ -14,6 +14,7 @@ from lorafit.data.rows import check_source_settings
 from lorafit.data.tokenization import OVERLONG_POLICIES
 from lorafit.errors import ConfigError, DataError
 from lorafit.folders import check_folder
+from lorafit.model.liger import check_liger
 from lorafit.model.schedules import check_warmup
 
 
@@ -170,6 +171,7 @@ def check_data_sources(data: DictConfig) -> None:
 # Switches that are true or false; "banana" or 3 would silently read as one or the other.
 SWITCHES = (
     "model.gradient_checkpointing",
+    "model.liger_kernels",
     "data.sample_packing",
     "data.pad_to_sequence_len",
     "data.train_on_inputs",
@@ -350,7 +352,8 @@ def check_early_stopping(cfg: DictConfig) -> None:
 
 
 def check_machine(cfg: DictConfig) -> None:
-    """What the config asks of this machine: a GPU when the trainer wants one."""
+    """What the config asks of this machine: a GPU when the trainer wants one, and what runs
+    only on one."""
     accelerator = cfg.trainer.get("accelerator", "auto")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
@@ -358,6 +361,11 @@ def check_machine(cfg: DictConfig) -> None:
             "the CPU with trainer=cpu (or trainer.accelerator=cpu), or install a CUDA build of "
             "torch on a machine with a GPU"
         )
+    if cfg.model.get("liger_kernels"):
+        on_gpu = accelerator in ("gpu", "cuda") or (
+            accelerator == "auto" and torch.cuda.is_available()
+        )
+        check_liger("cuda" if on_gpu else "cpu" if accelerator == "auto" else str(accelerator))
 
 
 def check_config(cfg: DictConfig) -> int:

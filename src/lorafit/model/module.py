@@ -19,6 +19,7 @@ from lorafit.model import packed_attention
 from lorafit.model.adapters import trainable_parameters
 from lorafit.model.fused_loss import linear_cross_entropy_sum
 from lorafit.model.isolation import IsolationReport, check_isolation
+from lorafit.model.liger import apply_liger_kernels, check_liger
 from lorafit.model.losses import token_loss_sum
 from lorafit.model.quantization import check_bitsandbytes, disable_cpu_weight_repacking
 
@@ -77,11 +78,15 @@ class CausalLMModule(pl.LightningModule):
         device = self._trainer.strategy.root_device if self._trainer else self.load_device
         if adapter.bits is not None:
             check_bitsandbytes(device, adapter.bits)
+        if spec.get("liger_kernels"):
+            check_liger(device.type)
         # Loading may draw from the global RNG a varying number of times (weight init it then
         # overwrites); isolating it keeps adapter init and dropout the same for the same seed.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             base = self._load_base(spec, adapter, device)
         disable_cpu_weight_repacking(base)
+        if spec.get("liger_kernels"):  # before the adapter: peft's layers sit inside them
+            log.info("Liger kernels: %s", ", ".join(apply_liger_kernels(base)))
         self.model = adapter.apply(
             base,
             gradient_checkpointing=spec["gradient_checkpointing"],
