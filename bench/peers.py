@@ -79,6 +79,8 @@ LEVERS = {
     "ckpt-every-2": ["model.checkpoint_every=2"],  # recompute every other layer
     "no-ckpt": ["model.gradient_checkpointing=false"],  # keep every layer's activations
     "liger": ["model.liger_kernels=true"],  # Liger's RMSNorm, SwiGLU and RoPE (CUDA)
+    # Norms, embeddings and output layer left in bf16 over the 4-bit base: a bf16 residual stream
+    "bf16-stream": ["adapter.upcast_unquantized=false"],
 }
 
 

@@ -2,9 +2,11 @@
 
     python bench/saved_activations.py                       # the four paths of docs/benchmarks.md
     python bench/saved_activations.py model.attn_implementation=sdpa_packed   # any overrides
+    python bench/saved_activations.py adapter=qlora model.dtype=bfloat16 trainer=cpu_bf16
 
 SmolLM2-135M-Instruct with the quickstart's LoRA (r=16, alpha 32, dropout 0.05), one packed
-512-token row of the real alpaca rows (the built-in demo rows when ../shared/data is absent).
+512-token row of the real alpaca rows (the built-in demo rows when ../shared/data is absent),
+under bf16 autocast when the trainer's precision is bf16-mixed.
 Tensors are counted once per storage through `torch.autograd.graph.saved_tensors_hooks`, the
 frozen weights left out: deterministic, so a busy host does not blur it.
 """
@@ -62,7 +64,11 @@ def saved_megabytes(overrides: list[str], fuse_dropout: bool) -> float:
         seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    half = str(cfg.trainer.precision).startswith("bf16")
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=half),
+    ):
         module._loss_sum(packed_collate([row], pad_token_id=tokenizer.pad_token_id))
     return sum(size for ptr, size in seen.items() if ptr not in weights) / 1e6
 

@@ -13,6 +13,7 @@ from transformers import MistralConfig, MistralForCausalLM
 from helpers import TINY, compose_config, logged, packed_test_module
 from lorafit.errors import QuantizationUnavailableError
 from lorafit.model.adapters import trainable_parameters
+from lorafit.model.module import CausalLMModule
 from lorafit.training import build_run, train
 
 
@@ -126,3 +127,60 @@ def test_checkpointing_every_second_layer_recomputes_only_those_with_the_same_gr
         torch.testing.assert_close(checked_grads, grads, rtol=0, atol=0)
     # Without checkpointing the setting changes nothing.
     assert _step_with_recompute_counts(False, every=2)[2] == [1, 1, 1, 1]
+
+
+def _qlora_module(upcast: bool) -> CausalLMModule:
+    cfg = compose_config(
+        [
+            *TINY,
+            "adapter=qlora",
+            "model.dtype=bfloat16",
+            "model.gradient_checkpointing=true",
+            f"adapter.upcast_unquantized={str(upcast).lower()}",
+        ]
+    )
+    torch.manual_seed(0)
+    module = CausalLMModule(model=cfg.model, adapter=cfg.adapter, optimizer={}, scheduler={})
+    module.configure_model()
+    return module
+
+
+def _unquantized(module: CausalLMModule) -> dict[str, torch.Tensor]:
+    return {
+        name: p.detach()
+        for name, p in module.named_parameters()
+        if not p.requires_grad and type(p).__name__ != "Params4bit"
+    }
+
+
+def test_qlora_can_keep_the_unquantized_weights_and_the_residual_stream_in_bf16():
+    upcast, kept = _qlora_module(upcast=True), _qlora_module(upcast=False)
+    fp32, bf16 = _unquantized(upcast), _unquantized(kept)
+    # Norms, embeddings and the output layer: peft's fp32 copies, or the loaded bf16 values
+    # exactly (every fp32 value came from bf16).
+    assert {n.split(".")[-2] for n in bf16} >= {"embed_tokens", "input_layernorm", "lm_head"}
+    assert {t.dtype for t in fp32.values()} == {torch.float32}
+    assert {t.dtype for t in bf16.values()} == {torch.bfloat16}
+    for name, weight in bf16.items():
+        assert torch.equal(weight, fp32[name].to(torch.bfloat16)), name
+    streams = {}
+    for key, module in (("upcast", upcast), ("kept", kept)):
+        seen = streams.setdefault(key, set())
+        for layer in module.model.get_base_model().model.layers:
+            layer.register_forward_pre_hook(lambda _, args, seen=seen: seen.add(args[0].dtype))
+        ids = torch.randint(3, 1000, (1, 32), generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            module(ids)
+    # What gradient checkpointing keeps per layer is its input: half the bytes in bf16.
+    assert streams == {"upcast": {torch.float32}, "kept": {torch.bfloat16}}
+
+
+def test_qlora_trains_alike_with_the_unquantized_weights_in_bf16(tmp_path):
+    base = [*TINY, "adapter=qlora", "model.dtype=bfloat16", "trainer=cpu_bf16"]
+    base += ["adapter.dropout=0", "trainer.max_steps=3"]
+    train(compose_config(base, tmp_path / "upcast"))
+    train(compose_config([*base, "adapter.upcast_unquantized=false"], tmp_path / "kept"))
+    upcast = torch.tensor(logged(tmp_path / "upcast", "train/loss"))
+    kept = torch.tensor(logged(tmp_path / "kept", "train/loss"))
+    # The same model and updates; only the residual stream's rounding differs (bf16 noise).
+    torch.testing.assert_close(kept, upcast, rtol=1e-3, atol=0)

@@ -72,6 +72,11 @@ class LoraAdapter:
         fan_in_fan_out: For bases storing weights as (in, out), like GPT-2's Conv1D.
         quantization: A BitsAndBytesConfig (qlora: 4-bit NF4, lora_8bit: 8-bit), or None.
         lora_model_dir: Start from this saved adapter instead of a fresh one.
+        upcast_unquantized: Over a 4- or 8-bit base, peft's recipe: the weights left
+            unquantized (norms, embeddings, output layer) in fp32, which makes the residual
+            stream between layers fp32 too. False keeps them in the dtype they loaded in, as
+            Axolotl does with flash attention: the stream, and the layer inputs gradient
+            checkpointing keeps, take half the memory.
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class LoraAdapter:
         fan_in_fan_out: bool = False,
         quantization: BitsAndBytesConfig | None = None,
         lora_model_dir: str | None = None,
+        upcast_unquantized: bool = True,
     ):
         if not target_linear and not target_modules:
             raise ConfigError("adapter.target_modules is empty and adapter.target_linear is false")
@@ -98,6 +104,7 @@ class LoraAdapter:
         )
         self.quantization = quantization
         self.lora_model_dir = lora_model_dir
+        self.upcast_unquantized = upcast_unquantized
 
     @property
     def bits(self) -> int | None:
@@ -108,10 +115,16 @@ class LoraAdapter:
     ) -> PeftModel:
         """Freeze the base and attach the adapter; only adapter weights require grad. With
         checkpointing, every `checkpoint_every`-th decoder layer recomputes its activations."""
+        keep = self.bits is not None and not self.upcast_unquantized
+        loaded = {name: p.dtype for name, p in model.named_parameters()} if keep else {}
         if gradient_checkpointing:
             _enable_gradient_checkpointing(model, self.bits is not None, checkpoint_every)
         elif self.bits is not None:
             prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        for name, p in model.named_parameters():
+            if name in loaded and p.dtype != loaded[name]:
+                # Back from peft's fp32 copy: exact, every value came from this dtype.
+                p.data = p.data.to(loaded[name])
         if self.lora_model_dir:
             adapted = PeftModel.from_pretrained(model, Path(self.lora_model_dir), is_trainable=True)
         else:
