@@ -81,6 +81,7 @@ LEVERS = {
     "liger": ["model.liger_kernels=true"],  # Liger's RMSNorm, SwiGLU and RoPE (CUDA)
     # Norms, embeddings and output layer left in bf16 over the 4-bit base: a bf16 residual stream
     "bf16-stream": ["adapter.upcast_unquantized=false"],
+    "compile": ["model.compile=true"],  # torch.compile of each layer's MLP and norms
 }
 
 

@@ -172,6 +172,7 @@ def check_data_sources(data: DictConfig) -> None:
 SWITCHES = (
     "model.gradient_checkpointing",
     "model.liger_kernels",
+    "model.compile",
     "data.sample_packing",
     "data.pad_to_sequence_len",
     "data.train_on_inputs",

@@ -17,6 +17,7 @@ from lorafit.constants import FINGERPRINT_KEY
 from lorafit.errors import ConfigError
 from lorafit.model import packed_attention
 from lorafit.model.adapters import trainable_parameters
+from lorafit.model.compiled_layers import compile_decoder_layers
 from lorafit.model.fused_loss import linear_cross_entropy_sum
 from lorafit.model.isolation import IsolationReport, check_isolation
 from lorafit.model.liger import apply_liger_kernels, check_liger
@@ -93,6 +94,8 @@ class CausalLMModule(pl.LightningModule):
             # Absent from the configs of runs saved before the key existed: every layer.
             checkpoint_every=spec.get("checkpoint_every", 1),
         )
+        if spec.get("compile"):
+            log.info("compiled decoder layers: %d", compile_decoder_layers(self.model))
         # from_pretrained returns eval mode, and Lightning keeps the modes it finds: without
         # this, dropout (lora_dropout included) would silently never apply.
         self.model.train()
