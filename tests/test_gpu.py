@@ -27,7 +27,6 @@ import pytest
 import torch
 
 from helpers import TINY, compose_config, logged
-from lorafit.data.prompts import alpaca_prompt
 from lorafit.eval.evaluation import generate, load_trained, validation_metrics
 from lorafit.training import build_run
 
@@ -153,9 +152,10 @@ def test_the_model_stays_on_the_gpu_for_generation(qlora_7b_run):
     assert module.load_device.type == _device_type()
     assert {p.device for p in module.parameters()} == {module.load_device}
     _, val_rows = datamodule.load_rows()
-    prompts = [alpaca_prompt(r["instruction"], r["input"]) for r in val_rows[:8]]
+    prompter = datamodule.prompter()  # as eval.py and generate.py build their prompts
+    prompts = [prompter.row_prompt(r) for r in val_rows[:8]]
     start = time.perf_counter()
-    answers = generate(module, datamodule.tokenizer, prompts, max_new_tokens=32)
+    answers = generate(module, prompter, prompts, max_new_tokens=32)
     wall = time.perf_counter() - start
     assert len(answers) == 8
     _record("qlora_7b_generate", {"answers": 8, "new_tokens_each": 32, "wall_s": wall})
