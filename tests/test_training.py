@@ -120,6 +120,46 @@ def test_validation_metrics_are_logged(tmp_path):
     assert len(logged(tmp_path, "train/lr")) == 4
 
 
+def test_tokens_per_second_cover_whole_steps_but_not_validation(tmp_path, monkeypatch):
+    """train/tokens_per_s times a step from the previous optimizer step on, so the optimizer
+    step and the loading between steps count, as in the benchmarks; validation does not. On a
+    fake clock: 1 s a micro-batch's forward and backward, 10 s from an optimizer step to the
+    next batch."""
+    import lightning.pytorch as pl
+
+    import lorafit.model.module as module_code
+
+    class Clock:
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls) -> float:
+            return cls.now
+
+    class Ticks(pl.Callback):
+        def __init__(self) -> None:
+            self.step, self.tokens = 0, [0]
+
+        def on_after_backward(self, trainer, pl_module) -> None:
+            Clock.now += 1
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.tokens[-1] += int(batch["real_tokens"])
+            if trainer.global_step != self.step:  # this micro-batch ended a step
+                self.step = trainer.global_step
+                self.tokens.append(0)
+                Clock.now += 10
+
+    monkeypatch.setattr(module_code, "time", Clock)
+    run = build_run(compose_config(TINY, tmp_path))  # 4 steps of 2, validation after 2 and 4
+    ticks = Ticks()
+    run.trainer.callbacks.append(ticks)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    seconds = [2, 12, 2, 12]  # the first step, and the first after validation, start afresh
+    expected = [t / s for t, s in zip(ticks.tokens[:4], seconds, strict=True)]
+    assert logged(tmp_path, "train/tokens_per_s") == pytest.approx(expected)
+
+
 def test_exported_adapter_reloads_with_the_trained_logits(tmp_path):
     run = _fit(tmp_path, [])
     batch = next(iter(run.datamodule.val_dataloader()))

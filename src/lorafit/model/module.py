@@ -157,6 +157,9 @@ class CausalLMModule(pl.LightningModule):
         ).last_hidden_state
         return linear_cross_entropy_sum(hidden, weight, batch["labels"], chunk)
 
+    def on_train_start(self) -> None:
+        self._step_started = None  # the first step's clock starts at its first batch
+
     def on_fit_start(self) -> None:
         # Prove on real rows, with this model and attention backend, that packed examples do
         # not see each other, before any step is spent.
@@ -182,6 +185,7 @@ class CausalLMModule(pl.LightningModule):
         return loss * self.trainer.accumulate_grad_batches * self.trainer.world_size
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # From the previous step's optimizer step (the first: this step's first batch).
         elapsed = time.perf_counter() - self._step_started
         # Summed over ranks: the step's loss is already each rank's share of the global mean.
         loss, tokens_per_s = self.trainer.strategy.reduce(
@@ -203,7 +207,10 @@ class CausalLMModule(pl.LightningModule):
         # For the progress bar and the callbacks (LossWatchdog, final metrics): not logged again.
         self.log("train/lr", values.pop("train/lr"), logger=False)
         self.log_dict(values, logger=False, prog_bar=True)
-        self.step_loss, self._step_tokens, self._step_started = 0.0, 0, None
+        # The next step's clock starts now, so its tokens/s covers a whole step: this optimizer
+        # step, the loading of its batches and its forward and backward passes.
+        self.step_loss, self._step_tokens = 0.0, 0
+        self._step_started = time.perf_counter()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss_sum, count = self._loss_sum(batch)
@@ -211,6 +218,8 @@ class CausalLMModule(pl.LightningModule):
             self.val_loss.update(loss_sum / count, weight=count)
 
     def on_validation_epoch_end(self) -> None:
+        # Validation between steps is not a training step's time: the next one starts afresh.
+        self._step_started = None
         loss = self.val_loss.compute()  # synced over ranks by torchmetrics
         self.val_loss.reset()
         values = {"val/loss": loss, "val/ppl": torch.exp(loss)}
