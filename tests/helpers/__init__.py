@@ -61,6 +61,24 @@ def packed_test_module(
     return module
 
 
+def configure_as_fit_does(module, device: str = "cpu") -> None:
+    """`module.configure_model()` as `trainer.fit` calls it: the training-only options
+    (`model.liger_kernels`, `model.compile`) apply. The stand-in holds what the hook reads of
+    its trainer: the device it trains on and that it is fitting."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    module._trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device(device)),
+        state=SimpleNamespace(fn=TrainerFn.FITTING),
+    )
+    try:
+        module.configure_model()
+    finally:
+        module._trainer = None
+
+
 def packed_demo(examples, capacity: int = 256):
     """The examples packed into rows of `capacity`, and a collate for one row at a time."""
     from lorafit.data.examples import PackedExamples

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from helpers import TINY, compose_config, logged
+from helpers import TINY, compose_config, configure_as_fit_does, logged
 from lorafit.model.module import CausalLMModule
 from lorafit.training import build_run
 
@@ -22,7 +22,7 @@ def _gradients(compile: bool) -> dict[str, torch.Tensor]:
     cfg = compose_config([*TINY, f"model.compile={str(compile).lower()}", "adapter.dropout=0.5"])
     torch.manual_seed(0)
     module = CausalLMModule(model=cfg.model, adapter=cfg.adapter, optimizer={}, scheduler={})
-    module.configure_model()
+    configure_as_fit_does(module)
     for name, p in module.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
@@ -37,6 +37,14 @@ def test_compiled_layers_draw_the_eager_dropout_masks():
     eager, compiled = _gradients(compile=False), _gradients(compile=True)
     # Other masks would change half the dropped inputs: gradients off by their own size.
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+
+
+def test_the_eval_tools_run_the_model_uncompiled():
+    """eval, generate and export build the module with no trainer fitting it."""
+    cfg = compose_config([*TINY, "model.compile=true"])
+    module = CausalLMModule(model=cfg.model, adapter=cfg.adapter, optimizer={}, scheduler={})
+    module.configure_model()
+    assert module.model.get_base_model().model.layers[0].mlp._compiled_call_impl is None
 
 
 def test_compiled_layers_train_what_eager_layers_train(tmp_path):

@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from helpers import TINY, compose_config
+from helpers import TINY, compose_config, configure_as_fit_does
 from lorafit.config_checks import check_machine
 from lorafit.errors import ConfigError
 from lorafit.model.liger import check_liger
@@ -35,14 +35,25 @@ def test_a_gpu_run_without_the_package_is_told_how_to_get_it(monkeypatch):
 
 
 def test_the_module_checks_before_loading_weights(monkeypatch):
-    """Where the trainer's device is only known at configure_model (accelerator=auto)."""
+    """Where the trainer's device is only known when the model is configured
+    (trainer.accelerator=auto)."""
     cfg = compose_config([*TINY, "model.liger_kernels=true"])
     module = CausalLMModule(model=cfg.model, adapter=cfg.adapter, optimizer={}, scheduler={})
     monkeypatch.setattr(
         CausalLMModule, "_load_base", staticmethod(lambda *a: pytest.fail("weights loaded"))
     )
     with pytest.raises(ConfigError, match=r"model\.liger_kernels=true: .* on cpu"):
-        module.configure_model()
+        configure_as_fit_does(module, "cpu")
+
+
+def test_the_eval_tools_run_a_liger_run_on_any_device():
+    """eval, generate and export build the module with no trainer fitting it: the plain model,
+    so a run trained with Liger on a GPU is evaluated on a CPU too."""
+    cfg = compose_config([*TINY, "model.liger_kernels=true"])
+    module = CausalLMModule(model=cfg.model, adapter=cfg.adapter, optimizer={}, scheduler={})
+    module.configure_model()
+    norm = module.model.get_base_model().model.layers[0].input_layernorm
+    assert "forward" not in vars(norm)  # the class's own forward, not Liger's
 
 
 def _loss_and_grads(liger: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -58,10 +69,8 @@ def _loss_and_grads(liger: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
         ]
     )
     torch.manual_seed(0)
-    module = CausalLMModule(
-        model=cfg.model, adapter=cfg.adapter, optimizer={}, scheduler={}, load_device="cuda"
-    )
-    module.configure_model()
+    module = CausalLMModule(model=cfg.model, adapter=cfg.adapter, optimizer={}, scheduler={})
+    configure_as_fit_does(module, "cuda")
     for name, p in module.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)

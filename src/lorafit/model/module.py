@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MeanMetric
 
@@ -79,14 +80,18 @@ class CausalLMModule(pl.LightningModule):
         device = self._trainer.strategy.root_device if self._trainer else self.load_device
         if adapter.bits is not None:
             check_bitsandbytes(device, adapter.bits)
-        if spec.get("liger_kernels"):
+        # Speed options for training only: eval, generate and export run the plain model, on
+        # any device, whatever the run trained with.
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        liger = fitting and spec.get("liger_kernels", False)
+        if liger:
             check_liger(device.type)
         # Loading may draw from the global RNG a varying number of times (weight init it then
         # overwrites); isolating it keeps adapter init and dropout the same for the same seed.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             base = self._load_base(spec, adapter, device)
         disable_cpu_weight_repacking(base)
-        if spec.get("liger_kernels"):  # before the adapter: peft's layers sit inside them
+        if liger:  # before the adapter: peft's layers sit inside the patched modules
             log.info("Liger kernels: %s", ", ".join(apply_liger_kernels(base)))
         self.model = adapter.apply(
             base,
@@ -94,7 +99,7 @@ class CausalLMModule(pl.LightningModule):
             # Absent from the configs of runs saved before the key existed: every layer.
             checkpoint_every=spec.get("checkpoint_every", 1),
         )
-        if spec.get("compile"):
+        if fitting and spec.get("compile", False):
             log.info("compiled decoder layers: %d", compile_decoder_layers(self.model))
         # from_pretrained returns eval mode, and Lightning keeps the modes it finds: without
         # this, dropout (lora_dropout included) would silently never apply.
