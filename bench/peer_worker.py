@@ -22,7 +22,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 IGNORE_INDEX = -100
-PACKED = ("lorafit-packed", "trl-packed")  # one packed row a step
 
 
 def compose(overrides: list[str], output_dir: str):
@@ -416,7 +415,7 @@ def main() -> None:
     output_dir = spec["output_dir"]
     cfg = compose(spec["overrides"], output_dir)
     # Packed variants take one row a step; the others as many examples as a row holds.
-    batch_size = 1 if spec["kind"] in PACKED else examples_per_step(cfg)
+    batch_size = 1 if spec["packed"] else examples_per_step(cfg)
     spec["batch_size"] = batch_size
     if spec["kind"] == "lorafit-unpacked":
         batch = [f"data.batch_size={batch_size}", f"data.micro_batch_size={batch_size}"]

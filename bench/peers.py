@@ -289,6 +289,7 @@ def run_variant(variant: Variant, args: argparse.Namespace, folder: Path) -> Var
     work.mkdir()
     spec = {
         "kind": variant.kind,
+        "packed": variant.kind in PACKED,  # one packed row a step, not examples
         "overrides": variant.overrides,
         "device": args.device,
         "warmup": args.warmup,
