@@ -7,8 +7,9 @@ export.py on that run, as users call them; then LoRA and 8-bit LoRA on a small m
 (tokens/s, peak memory, wall times) are written as JSON to $LORAFIT_GPU_RESULTS (default
 outputs/gpu-results).
 
-Without CUDA every test here is skipped. LORAFIT_GPU_DRY_RUN=1 runs them on the CPU instead,
-with the 7B shape shrunk to one small layer: a check of the suite's own logic, no GPU figure.
+Without CUDA these run on the CPU with the 7B shape shrunk to one small layer, a check of the
+suite's own logic and no GPU figure: the in-process tests in every run, the three that start
+eval.py, generate.py and export.py only with LORAFIT_GPU_DRY_RUN=1.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def test_qlora_7b_trains_on_the_gpu_in_bf16(qlora_7b_run):
     assert len(figures["val_loss"]) == 1
 
 
+@pytest.mark.gpu_cli
 def test_eval_cli_reproduces_the_training_val_loss(qlora_7b_run, tmp_path):
     out = qlora_7b_run["out"]
     status, wall, output = _cli(
@@ -163,12 +165,14 @@ def test_the_model_stays_on_the_gpu_for_generation(qlora_7b_run):
         assert wall < 60
 
 
+@pytest.mark.gpu_cli
 def test_generate_cli_answers(qlora_7b_run, tmp_path):
     prompt = ["prompt=Name three primary colours.", "eval.max_new_tokens=16"]
     status, _, output = _cli("generate.py", f"ckpt={qlora_7b_run['out']}", *prompt, out=tmp_path)
     assert status == 0, output[-3000:]
 
 
+@pytest.mark.gpu_cli
 def test_export_cli_merges_and_passes_its_fidelity_check(qlora_7b_run, tmp_path):
     merged = tmp_path / "merged"
     status, wall, output = _cli(
