@@ -1,5 +1,5 @@
 """Test session set-up: an isolated model cache, offline libraries, two threads, GPU tests
-skipped without CUDA, and the shared fixtures. Helpers live in tests/helpers."""
+shrunk or skipped without CUDA, and the shared fixtures. Helpers live in tests/helpers."""
 
 from __future__ import annotations
 
