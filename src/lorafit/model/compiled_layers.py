@@ -13,6 +13,7 @@ forward in a decorator whose code other layers share, which sends the compiler r
 Every layer has the same MLP code and shapes, so the layers share one graph; gradient
 checkpointing recomputes the compiled modules as it does eager ones. Random draws (the LoRA
 dropout masks) stay torch's own, so the compiled MLPs draw the masks eager ones draw.
+Training only (`CausalLMModule`): eval, generate and export run the plain model.
 """
 
 from __future__ import annotations

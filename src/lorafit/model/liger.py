@@ -10,7 +10,8 @@ already keeps the logits from being materialised.
 Applied to the loaded base model before the adapter is attached: the norms' and MLPs'
 `forward` are replaced on the instances, so peft's LoRA layers inside them are called as before.
 The rotary embedding is replaced in the model family's module, for the whole process, as Liger
-does it; a training process loads one model family.
+does it; a training process loads one model family. Training only (`CausalLMModule`): eval,
+generate and export run the plain model.
 """
 
 from __future__ import annotations
