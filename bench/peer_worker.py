@@ -163,14 +163,13 @@ def examples_per_step(cfg) -> int:
     return max(1, round(len(examples) / len(rows)))
 
 
-def model_size(cfg) -> int:
+def model_size(config) -> int:
     """Parameters that cost a multiply-add per token: the base model's, less an untied input
     embedding (a lookup). Counted on the meta device, so a 4-bit load's packing does not
     halve it."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = instantiate_config(cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
@@ -180,17 +179,18 @@ def model_size(cfg) -> int:
     return total
 
 
-def recomputed_share(cfg, kind: str) -> float:
+def recomputed_share(cfg, config, kind: str) -> float:
     """The share of decoder layers gradient checkpointing recomputes in backward: lorafit's
     every `model.checkpoint_every`-th layer (0, n, 2n, ...), the peers' every layer."""
     if not cfg.model.gradient_checkpointing:
         return 0.0
     every = cfg.model.get("checkpoint_every", 1) if kind.startswith("lorafit") else 1
-    layers = instantiate_config(cfg).num_hidden_layers
+    layers = config.num_hidden_layers
     return math.ceil(layers / every) / layers
 
 
-def instantiate_config(cfg):
+def model_config(cfg):
+    """The model's transformers config, read from its source without loading weights."""
     from hydra.utils import instantiate
 
     return instantiate(cfg.model.source).load_config()
@@ -431,11 +431,12 @@ def main() -> None:
         run_trl(spec, cfg, meter, output_dir)
     else:
         raise ValueError(f"unknown variant kind {kind!r}")
+    config = model_config(cfg)
     result = {
         **meter.summary(),
         "wall_s": time.perf_counter() - start,
-        "n_params": model_size(cfg),
-        "recomputed_share": recomputed_share(cfg, kind),
+        "n_params": model_size(config),
+        "recomputed_share": recomputed_share(cfg, config, kind),
         "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "profile": meter.profile_table,
         "threads": torch.get_num_threads(),

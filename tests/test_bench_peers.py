@@ -126,7 +126,8 @@ def test_the_flop_count_follows_the_layers_checkpointing_recomputes() -> None:
     preset = ["experiment=mistral7b_random_qlora"]  # 32 layers, checkpointing on
 
     def share(overrides: list[str], kind: str = "lorafit-packed") -> float:
-        return worker.recomputed_share(compose_config([*preset, *overrides]), kind)
+        cfg = compose_config([*preset, *overrides])
+        return worker.recomputed_share(cfg, worker.model_config(cfg), kind)
 
     assert share([]) == 1.0
     assert share(_harness().LEVERS["ckpt-every-2"]) == 0.5

@@ -18,17 +18,20 @@ from lorafit.model.liger import check_liger
 from lorafit.model.schedules import check_warmup
 
 
+def trains_on_gpu(trainer: DictConfig) -> bool:
+    """Whether Lightning will put this trainer config on CUDA: asked for, or `auto` with a
+    GPU present."""
+    accelerator = trainer.get("accelerator", "auto")
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def devices_count(trainer: DictConfig) -> int:
     """Data-parallel processes the trainer config asks for on this machine: `auto` and -1
     count the GPUs Lightning would take (a CPU run is one process)."""
     devices = trainer.get("devices", 1)
     nodes = int(trainer.get("num_nodes", 1))
     if devices == "auto" or devices == -1:
-        accelerator = trainer.get("accelerator", "auto")
-        on_gpu = accelerator in ("gpu", "cuda") or (
-            accelerator == "auto" and torch.cuda.is_available()
-        )
-        return max(torch.cuda.device_count(), 1) * nodes if on_gpu else nodes
+        return max(torch.cuda.device_count(), 1) * nodes if trains_on_gpu(trainer) else nodes
     if isinstance(devices, int) and devices > 0:
         return devices * nodes
     if isinstance(devices, list | tuple) or OmegaConf.is_list(devices):
@@ -363,9 +366,7 @@ def check_machine(cfg: DictConfig) -> None:
             "torch on a machine with a GPU"
         )
     if cfg.model.get("liger_kernels"):
-        on_gpu = accelerator in ("gpu", "cuda") or (
-            accelerator == "auto" and torch.cuda.is_available()
-        )
+        on_gpu = trains_on_gpu(cfg.trainer)
         check_liger("cuda" if on_gpu else "cpu" if accelerator == "auto" else str(accelerator))
 
 

@@ -46,9 +46,9 @@ def _enable_gradient_checkpointing(model: PreTrainedModel, quantized: bool, ever
     checkpoint_every_nth_layer(model, every)
 
 
-def checkpoint_every_nth_layer(model: torch.nn.Module, every: int) -> int:
+def checkpoint_every_nth_layer(model: torch.nn.Module, every: int) -> None:
     """Keep checkpointing on for decoder layers 0, n, 2n, ... only; the others keep their
-    activations for backward and are not recomputed. Returns how many layers checkpoint.
+    activations for backward and are not recomputed.
 
     Set here rather than through transformers' own `every_n_layers`, which only its newer
     releases take. The same loss and gradients either way: only what backward recomputes
@@ -57,7 +57,6 @@ def checkpoint_every_nth_layer(model: torch.nn.Module, every: int) -> int:
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = layer.gradient_checkpointing and index % every == 0
-    return sum(layer.gradient_checkpointing for layer in layers)
 
 
 class LoraAdapter:
