@@ -176,6 +176,7 @@ SWITCHES = (
     "model.gradient_checkpointing",
     "model.liger_kernels",
     "model.compile",
+    "model.offload_activations",
     "data.sample_packing",
     "data.pad_to_sequence_len",
     "data.train_on_inputs",

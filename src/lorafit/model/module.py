@@ -3,6 +3,7 @@ cross entropy, with adapter-only checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -23,6 +24,7 @@ from lorafit.model.fused_loss import linear_cross_entropy_sum
 from lorafit.model.isolation import IsolationReport, check_isolation
 from lorafit.model.liger import apply_liger_kernels, check_liger
 from lorafit.model.losses import token_loss_sum
+from lorafit.model.offload import HostOffload
 from lorafit.model.quantization import check_bitsandbytes, disable_cpu_weight_repacking
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ class CausalLMModule(pl.LightningModule):
         self.fingerprint = fingerprint
         # What the packing preflight found, when the run packs.
         self.isolation: IsolationReport | None = None
+        # model.offload_activations: the saved-tensor hooks around each training forward.
+        self._offload: HostOffload | None = None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -164,6 +168,10 @@ class CausalLMModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._step_started = None  # the first step's clock starts at its first batch
+        if self.hparams.model.get("offload_activations", False):
+            # Here, not in configure_model: Lightning moves an unquantized model to its device
+            # after that hook, and the weights are known by where they are.
+            self._offload = HostOffload(weights=[*self.parameters(), *self.buffers()])
 
     def on_fit_start(self) -> None:
         # Prove on real rows, with this model and attention backend, that packed examples do
@@ -181,7 +189,11 @@ class CausalLMModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self._step_started is None:
             self._step_started = time.perf_counter()
-        loss_sum, _ = self._loss_sum(batch)
+        with self._offload if self._offload is not None else contextlib.nullcontext():
+            loss_sum, _ = self._loss_sum(batch)
+        if self._offload is not None and batch_idx == 0:
+            host_mb = self._offload.offloaded_bytes / 1e6
+            log.info("activations kept in host memory a forward: %.1f MB", host_mb)
         loss = loss_sum / batch["step_tokens"]
         self.step_loss += loss.item()
         self._step_tokens += int(batch["real_tokens"])

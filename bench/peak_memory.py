@@ -1,0 +1,314 @@
+"""The canonical job's peak training memory, measured on the CPU and projected to 32 layers.
+
+    python bench/peak_memory.py                                   # 2048-token rows, the defaults
+    python bench/peak_memory.py --sequence-len 8192 --set adapter.upcast_unquantized=false
+    python bench/peak_memory.py --layers 1 2 3                    # check the projection is linear
+
+A GPU's peak allocated memory is what the canonical job's memory targets are about, and the
+GPU is where this project rarely runs. What decides it is the same on a CPU: the 4-bit
+weights, the unquantized ones, the LoRA weights, their gradients and optimizer state, and
+what one training step allocates on top. So this trains `experiment=mistral7b_random_qlora`
+(Mistral-7B-v0.1's exact layer shape, random weights, NF4 + LoRA r=32 on every linear layer,
+bf16 autocast, gradient checkpointing, one packed row a step) with 1 and 2 decoder layers on the
+CPU, and measures for its third optimizer step, in the steady state of a run:
+
+- what lives across steps: the unique storages of parameters, buffers, 4-bit quantization
+  states and optimizer state, split by kind;
+- the step's own peak above them: the running sum of every allocation and free that torch's
+  profiler records on the CPU allocator (forward, recomputation, backward, optimizer step).
+
+Each part grows linearly with the number of layers (one layer's weights, state and kept
+checkpoint input; the transient of one layer's recomputation does not grow), so the two runs
+give the 32-layer figure. What differs on a GPU, and is not modelled: the caching allocator's
+rounding and fragmentation (reserved memory), CUDA kernels' workspaces, and paged optimizers:
+bitsandbytes' paged state lives in CUDA managed memory that `torch.cuda.max_memory_allocated`
+does not count (`optimizer=paged_adamw_32bit` is the canonical job's; here torch's AdamW
+holds the same two fp32 tensors per LoRA weight, reported apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import weakref
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from peer_worker import compose  # noqa: E402
+
+ALPACA = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
+LAYERS_32 = 32
+GIB = 2**30
+
+
+class StepPeak(Callback):
+    """Measures the allocations of one optimizer step (batch `step`) and adds them up.
+
+    Recording starts a step earlier: a block allocated before recording began is freed
+    unseen (the profiler says so), and the previous step's gradients are freed during this
+    one, before its backward. With `at_peak`, a dispatch mode follows every tensor instead
+    of the profiler, and keeps the largest of those alive at the peak: what it is made of.
+    """
+
+    MARK = "lorafit: measured step"
+
+    def __init__(self, step: int = 2, at_peak: bool = False):
+        self.step = step
+        self.at_peak = at_peak
+        self.live: dict[str, int] = {}
+        self.peak_above = 0
+        self.peak_ops = ""
+        self.left_above = 0
+        self.peak_tensors: list[tuple[int, str]] = []
+        self._recorder: profile | LiveTensors | None = None
+        self._mark: torch.profiler.record_function | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.step - 1:
+            if self.at_peak:
+                self._recorder = LiveTensors()
+                self._recorder.__enter__()
+            else:
+                self._recorder = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+                self._recorder.start()
+        elif batch_idx == self.step:
+            self.live = live_storages(pl_module.model, trainer.optimizers)
+            if isinstance(self._recorder, LiveTensors):
+                self._recorder.mark()
+            else:
+                self._mark = torch.profiler.record_function(self.MARK)
+                self._mark.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._recorder is None or batch_idx != self.step:
+            return
+        if isinstance(self._recorder, LiveTensors):
+            self._recorder.__exit__(None, None, None)
+            self.peak_above = self._recorder.peak - self._recorder.origin
+            self.left_above = self._recorder.running - self._recorder.origin
+            self.peak_tensors = self._recorder.at_peak
+        else:
+            self._mark.__exit__(None, None, None)
+            self._recorder.stop()
+            events = self._recorder.profiler.kineto_results.events()
+            self.peak_above, self.left_above, self.peak_ops = running_peak(events, self.MARK)
+        self._recorder = None
+        trainer.should_stop = True
+
+
+def running_peak(events, mark: str) -> tuple[int, int, str]:
+    """Over the span of the event named `mark`: the peak of the running sum of the profiler's
+    allocation events, what is left at its end (near 0 when nothing but the live storages
+    outlives a step), and the ops around the peak, innermost first: where it happens."""
+    span = next(e for e in events if e.name() == mark)
+    memory = sorted(
+        (
+            e
+            for e in events
+            if e.name() == "[memory]" and span.start_ns() <= e.start_ns() <= span.end_ns()
+        ),
+        key=lambda e: e.start_ns(),
+    )
+    running = peak = 0
+    peak_at = None
+    for event in memory:
+        running += event.nbytes()
+        if running > peak:
+            peak, peak_at = running, event.start_ns()
+    around = [
+        e
+        for e in events
+        if peak_at is not None
+        and e.name() not in ("[memory]", mark)
+        and e.start_ns() <= peak_at <= e.end_ns()
+    ]
+    around.sort(key=lambda e: e.end_ns() - e.start_ns())
+    return peak, running, " < ".join(dict.fromkeys(e.name() for e in around[:6]))
+
+
+class LiveTensors(TorchDispatchMode):
+    """Follows the storage of every tensor an op returns until it is freed (a weak reference's
+    callback), with the op and shape that made it; at each new peak of their sum the largest
+    live ones are noted. Slower than the profiler and blind to what kernels allocate inside,
+    so it explains the peak rather than measures it."""
+
+    def __init__(self, keep: int = 12):
+        super().__init__()
+        self.keep = keep
+        self.running = self.peak = self.origin = 0
+        self.at_peak: list[tuple[int, str]] = []
+        self._live: dict[int, tuple[int, str]] = {}
+        self._refs: dict[int, weakref.ref] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                self._track(tensor, f"{phase} {func.__name__} {list(tensor.shape)} {tensor.dtype}")
+        return out
+
+    def mark(self) -> None:
+        """From here on the peak is the measured step's."""
+        self.origin = self.peak = self.running
+        self.at_peak = []
+
+    def _track(self, tensor: torch.Tensor, label: str) -> None:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self._live or storage.nbytes() == 0:
+            return
+        self._live[key] = (storage.nbytes(), label)
+        self._refs[key] = weakref.ref(storage, lambda _, key=key: self._free(key))
+        self.running += storage.nbytes()
+        if self.running > self.peak:
+            self.peak = self.running
+            if storage.nbytes() >= 2**20:  # a new peak worth a look: note the largest
+                largest = sorted(self._live.values(), reverse=True)[: self.keep]
+                self.at_peak = largest
+
+    def _free(self, key: int) -> None:
+        size, _ = self._live.pop(key, (0, ""))
+        self._refs.pop(key, None)
+        self.running -= size
+
+
+def live_storages(model: torch.nn.Module, optimizers) -> dict[str, int]:
+    """Bytes of every storage that outlives a step, by kind, each storage counted once."""
+    seen: set[int] = set()
+    sizes = dict.fromkeys(
+        ["4-bit weights", "other frozen weights", "LoRA weights", "LoRA gradients", "optimizer"], 0
+    )
+
+    def add(kind: str, tensor: torch.Tensor | None) -> None:
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() == 0:
+            return
+        seen.add(storage.data_ptr())
+        sizes[kind] += storage.nbytes()
+
+    for parameter in model.parameters():
+        state = getattr(parameter, "quant_state", None)
+        if state is not None:
+            add("4-bit weights", parameter)
+            for part in (state.absmax, state.code, getattr(state, "offset", None)):
+                add("4-bit weights", part)
+            if state.state2 is not None:
+                add("4-bit weights", state.state2.absmax)
+                add("4-bit weights", state.state2.code)
+        else:
+            add("LoRA weights" if parameter.requires_grad else "other frozen weights", parameter)
+            add("LoRA gradients", parameter.grad)
+    for buffer in model.buffers():
+        add("other frozen weights", buffer)
+    for optimizer in optimizers:
+        for state in optimizer.state.values():
+            for value in state.values():
+                add("optimizer", value)
+    return sizes
+
+
+def measure(
+    layers: int, sequence_len: int, data: list[str], extra: list[str], at_peak: bool = False
+) -> dict:
+    from lorafit.training import build_run
+
+    with tempfile.TemporaryDirectory() as output:
+        cfg = compose(
+            [
+                "experiment=mistral7b_random_qlora",
+                "trainer=cpu_bf16",
+                "optimizer=adamw",  # paged AdamW needs CUDA; the same state, see above
+                f"model.source.num_hidden_layers={layers}",
+                "++model.source.build_device=cpu",
+                f"data.sequence_len={sequence_len}",
+                "data.val_set_size=0",
+                "trainer.max_steps=4",
+                "trainer.enable_progress_bar=false",
+                "logger=csv",
+                "callbacks.model_checkpoint=null",  # nothing written: memory only
+                "callbacks.best_checkpoint=null",
+                "callbacks.export_adapter=null",
+                *data,
+                *extra,
+            ],
+            output,
+        )
+        run = build_run(cfg)
+        meter = StepPeak(at_peak=at_peak)
+        run.trainer.callbacks.append(meter)
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+        if at_peak:
+            print(f"{layers} layer(s): the largest tensors alive at the step's peak")
+            for size, label in meter.peak_tensors:
+                print(f"  {size / 2**20:8.1f} MiB  {label}")
+        else:
+            print(f"{layers} layer(s): the step peaks in {meter.peak_ops}", flush=True)
+        return {**meter.live, "step peak above": meter.peak_above, "left": meter.left_above}
+
+
+def table(results: dict[int, dict[str, int]], projected: dict[str, int]) -> str:
+    parts = [k for k in next(iter(results.values())) if k != "left"]
+    head = [f"{n} layer{'s' if n > 1 else ''}" for n in results] + ["32 layers, projected"]
+    lines = ["| part | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(head)]
+
+    def row(name: str, values: list[int]) -> str:
+        return f"| {name} | " + " | ".join(f"{v / GIB:.3f} GiB" for v in values) + " |"
+
+    columns = [*results.values(), projected]
+    for part in parts:
+        lines.append(row(part, [c[part] for c in columns]))
+    lines.append(row("peak (sum)", [sum(c[p] for p in parts) for c in columns]))
+    without_optimizer = [sum(c[p] for p in parts if p != "optimizer") for c in columns]
+    lines.append(row("peak, optimizer state paged out of torch's count", without_optimizer))
+    left = ", ".join(f"{n}: {r['left'] / 2**20:.1f} MiB" for n, r in results.items())
+    return "\n".join(lines) + f"\n\nleft allocated after the step, by layer count: {left}"
+
+
+def data_overrides(path: Path) -> list[str]:
+    if path.is_file():
+        return ["data=local", f"data.datasets.0.path={path}"]
+    print(f"{path} is absent: the built-in demo rows")
+    return ["data=demo"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sequence-len", type=int, default=2048)
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--data", type=Path, default=ALPACA, help="alpaca rows (json)")
+    parser.add_argument("--set", action="append", default=[], help="a lorafit override")
+    parser.add_argument(
+        "--at-peak",
+        action="store_true",
+        help="list the largest tensors alive at the peak of one step, the first layer count",
+    )
+    args = parser.parse_args()
+    if args.at_peak:
+        measure(args.layers[0], args.sequence_len, data_overrides(args.data), args.set, True)
+        return
+    if len(args.layers) < 2 or sorted(set(args.layers)) != args.layers:
+        parser.error("--layers takes two or more increasing layer counts")
+    data = data_overrides(args.data)
+    results = {n: measure(n, args.sequence_len, data, args.set) for n in args.layers}
+    first, second = results[args.layers[0]], results[args.layers[1]]
+    slope_layers = args.layers[1] - args.layers[0]
+    projected = {
+        k: first[k] + (second[k] - first[k]) * (LAYERS_32 - args.layers[0]) // slope_layers
+        for k in first
+    }
+    print(f"sequence_len {args.sequence_len}, overrides {args.set or 'none'}\n")
+    print(table(results, projected))
+
+
+if __name__ == "__main__":
+    main()

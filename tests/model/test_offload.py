@@ -1,0 +1,162 @@
+"""`model.offload_activations`: with checkpointing, each decoder layer's input leaves the device
+after forward and comes back, unchanged, for backward; weights are never copied. On the CPU the
+same path is followed by treating every tensor as offloadable; on a GPU (`pytest -m gpu`) the
+device memory a forward leaves behind falls by the layers' inputs."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import weakref
+
+import pytest
+import torch
+
+from helpers import TINY, compose_config, logged, packed_test_module
+from lorafit.model import offload
+from lorafit.model.offload import HostOffload
+from lorafit.training import build_run
+
+LAYERS = 2  # tiny_mistral's
+TOKENS = 96
+
+
+def _batch(device: str = "cpu") -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 1000, (1, TOKENS), generator=generator)
+    positions = torch.cat([torch.arange(40), torch.arange(TOKENS - 40)])[None]
+    labels = ids.clone()
+    labels[0, :10] = -100
+    return {
+        k: v.to(device)
+        for k, v in {"input_ids": ids, "position_ids": positions, "labels": labels}.items()
+    }
+
+
+def _step(module, batch, hooks: HostOffload | None, autocast: str | None = None):
+    """Forward under `hooks`, then which layer inputs are still alive, then backward."""
+    layers = module.model.get_base_model().model.layers
+    inputs: list[weakref.ref] = []
+
+    def remember(_, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if not torch.is_grad_enabled() or len(inputs) < len(layers):  # forward, not recompute
+            inputs.append(weakref.ref(hidden))
+
+    handles = [layer.register_forward_pre_hook(remember, with_kwargs=True) for layer in layers]
+    module.zero_grad(set_to_none=True)
+    device = batch["input_ids"].device.type
+    precision = (
+        torch.autocast(device, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    )
+    with precision, hooks if hooks is not None else contextlib.nullcontext():
+        loss, _ = module._loss_sum(batch)
+    gc.collect()
+    alive = [ref() is not None for ref in inputs[: len(layers)]]
+    loss.backward()
+    for handle in handles:
+        handle.remove()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+    return loss.detach(), alive, grads
+
+
+@pytest.mark.parametrize("autocast", [None, "bf16"])
+def test_layer_inputs_leave_for_the_host_and_come_back_unchanged(autocast):
+    module = packed_test_module(checkpointing=True)
+    batch = _batch()
+    plain_loss, plain_alive, plain_grads = _step(module, batch, None, autocast)
+    # On the CPU the host is where the tensors already are: every tensor counts as offloadable
+    # here, so the copies and the hand-back are those a GPU run makes.
+    hooks = HostOffload(
+        weights=list(module.parameters()), offloads=lambda tensor: True, min_bytes=0
+    )
+    loss, alive, grads = _step(module, batch, hooks, autocast)
+
+    assert plain_alive == [True] * LAYERS  # checkpointing keeps each layer's input
+    # With offloading only the host copy is left; but for the first layer's input, the
+    # embedding's output, which peft makes a leaf that requires grad so that checkpointing
+    # works over frozen embeddings: its gradient accumulator holds it, whatever the hooks do.
+    assert alive == [True] + [False] * (LAYERS - 1)
+    # The layers' inputs (fp32 residual stream: 96 tokens x 64 values x 4 bytes each) and
+    # the few tensors saved between layers; no weight and nothing from inside a layer.
+    layer_input = TOKENS * 64 * 4
+    assert LAYERS * layer_input <= hooks.offloaded_bytes <= (LAYERS + 3) * layer_input
+    assert torch.equal(loss, plain_loss)
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in grads.items():
+        assert torch.equal(grad, plain_grads[name]), name
+
+
+def test_weights_and_small_tensors_stay_put():
+    weight = torch.nn.Parameter(torch.randn(512, 512))
+    frozen = torch.randn(512, 512)
+    hooks = HostOffload(weights=[frozen], offloads=lambda tensor: True)
+    activation = torch.randn(1024, 512, requires_grad=True)  # 2 MiB: offloaded
+    small = torch.randn(8, 512, requires_grad=True)  # 16 KiB: kept
+    with hooks:
+        out = (activation @ weight).sum() + (small @ frozen).sum() + (activation * 2).sum()
+    out.backward()
+    # activation was saved twice (for both products) but copied once; the weights not at all.
+    assert hooks.offloaded_bytes == activation.nbytes
+    torch.testing.assert_close(weight.grad, activation.T @ torch.ones(1024, 512))
+
+
+def test_a_lightning_fit_with_offloading_trains_what_it_trains_without(tmp_path, monkeypatch):
+    # The option's wiring through training_step, on the CPU's path for a GPU: every tensor
+    # offloadable, no size floor. bf16 autocast as on a GPU.
+    monkeypatch.setattr(offload, "_on_accelerator", lambda tensor: True)
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)
+    common = [*TINY, "trainer=cpu_bf16", "model.gradient_checkpointing=true", "trainer.max_steps=3"]
+    runs = {}
+    for name, flag in (("plain", "false"), ("offloaded", "true")):
+        run = build_run(
+            compose_config([*common, f"model.offload_activations={flag}"], tmp_path / name)
+        )
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+        runs[name] = run.module
+    assert runs["plain"]._offload is None
+    assert runs["offloaded"]._offload.offloaded_bytes > 0
+    for key in ("train/loss", "val/loss"):
+        assert logged(tmp_path / "offloaded", key) == logged(tmp_path / "plain", key), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_the_layer_inputs_leave_device_memory():
+    module = packed_test_module(
+        checkpointing=True,
+        overrides=(
+            "model.dtype=bfloat16",
+            "model.source.hidden_size=512",
+            "model.source.intermediate_size=1024",
+            "model.source.num_hidden_layers=4",
+        ),
+    ).cuda()
+    generator = torch.Generator().manual_seed(1)
+    tokens = 4096
+    ids = torch.randint(3, 1000, (1, tokens), generator=generator)
+    batch = {
+        "input_ids": ids.cuda(),
+        "position_ids": torch.arange(tokens)[None].cuda(),
+        "labels": ids.cuda(),
+    }
+    left = {}
+    results = {}
+    for name, hooks in (("plain", None), ("offloaded", HostOffload(list(module.parameters())))):
+        module.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16), hooks or contextlib.nullcontext():
+            loss, _ = module._loss_sum(batch)
+        torch.cuda.synchronize()
+        left[name] = torch.cuda.memory_allocated() - before
+        loss.backward()
+        results[name] = (
+            loss.detach(),
+            {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad},
+        )
+    # 4 layers x 4096 tokens x 512 bf16 values: 16 MiB kept on the device without offloading.
+    assert left["plain"] - left["offloaded"] >= 0.9 * 4 * tokens * 512 * 2
+    assert torch.equal(results["offloaded"][0], results["plain"][0])
+    for name, grad in results["offloaded"][1].items():
+        assert torch.equal(grad, results["plain"][1][name]), name

@@ -1,0 +1,99 @@
+"""bench/peak_memory.py: the CPU allocator's events add up to the bytes allocated, every kind of
+storage that outlives a step is counted once, and the parts grow linearly with the layer count,
+which the 32-layer projection rests on."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import peak_memory  # noqa: E402
+
+MIB = 2**20
+
+
+def test_the_running_sum_of_allocations_peaks_where_the_bytes_did() -> None:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        before = torch.empty(32 * MIB, dtype=torch.uint8)  # outside the measured span
+        with torch.profiler.record_function("measured"):
+            del before  # freed inside it: the span starts 32 MiB down
+            first = torch.empty(4 * MIB, dtype=torch.uint8)
+            second = torch.empty(8 * MIB, dtype=torch.uint8)
+            del first
+            third = torch.empty(2 * MIB, dtype=torch.uint8)
+            del second, third
+            kept = torch.empty(3 * MIB, dtype=torch.uint8)
+    events = prof.profiler.kineto_results.events()
+    peak, left, ops = peak_memory.running_peak(events, "measured")
+    assert peak == 0  # never above where the span started: the 32 MiB went first
+    assert left == kept.untyped_storage().nbytes() - 32 * MIB
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with torch.profiler.record_function("measured"):
+            first = torch.empty(4 * MIB, dtype=torch.uint8)
+            second = torch.empty(8 * MIB, dtype=torch.uint8)
+            del first
+            third = torch.empty(2 * MIB, dtype=torch.uint8)
+            del second, third
+    peak, left, ops = peak_memory.running_peak(prof.profiler.kineto_results.events(), "measured")
+    assert peak == 12 * MIB  # first and second together; third came after first was freed
+    assert left == 0
+    assert ops.startswith("aten::empty")  # the op that reached the peak, innermost first
+
+
+def test_the_live_tensors_at_the_peak_are_those_alive_together() -> None:
+    with peak_memory.LiveTensors() as live:
+        before = torch.empty(32 * MIB, dtype=torch.uint8)
+        live.mark()
+        first = torch.empty(4 * MIB, dtype=torch.uint8)
+        second = torch.ones(2, MIB, dtype=torch.float32)  # 8 MiB
+        del first
+        third = torch.empty(2 * MIB, dtype=torch.uint8)
+        del before, second, third
+    assert live.peak - live.origin == 12 * MIB
+    assert live.running - live.origin == -32 * MIB
+    sizes = [(size, label.split()[1]) for size, label in live.at_peak]
+    assert sizes == [
+        (32 * MIB, "empty.memory_format"),  # made before the mark and alive: part of the peak
+        (8 * MIB, "ones.default"),
+        (4 * MIB, "empty.memory_format"),
+    ]
+
+
+def _measure(layers: int, *extra: str) -> dict:
+    return peak_memory.measure(
+        layers,
+        sequence_len=128,
+        data=["data=demo"],
+        extra=["model=tiny_mistral", "model.gradient_checkpointing=true", *extra],
+    )
+
+
+@pytest.mark.slow
+def test_a_tiny_qlora_step_grows_linearly_with_its_layers() -> None:
+    runs = {layers: _measure(layers) for layers in (1, 2, 3)}
+    parts = ["4-bit weights", "LoRA weights", "LoRA gradients", "optimizer"]
+    for part in parts:
+        one, two, three = (runs[n][part] for n in (1, 2, 3))
+        assert one > 0, part  # each kind is found (4-bit weights: the packed data and states)
+        assert three - two == two - one, part  # exactly one layer's worth each time
+    # LoRA weights are fp32; gradients one fp32 tensor of each, AdamW two (and a step count).
+    assert runs[1]["LoRA gradients"] == runs[1]["LoRA weights"]
+    assert runs[1]["optimizer"] == pytest.approx(2 * runs[1]["LoRA weights"], rel=1e-3)
+    # Besides the embedding and output layer, a layer's two fp32 norms of 64 values.
+    frozen = [runs[n]["other frozen weights"] for n in (1, 3)]
+    assert frozen[1] - frozen[0] == 2 * (2 * 64 * 4)
+    # The step's own peak: a layer's checkpointed input more per layer (128 tokens x 64 fp32
+    # values = 32 KiB), the transient of one recomputed layer the same for any count.
+    steps = [runs[n]["step peak above"] for n in (1, 2, 3)]
+    # Nothing outlives a step but what is counted as live: the previous step's gradients,
+    # freed in this one, were allocated while recording, so their free is seen.
+    assert all(abs(runs[n]["left"]) < 1024 for n in (1, 2, 3))
+    assert steps[0] > 0
+    assert steps[2] - steps[1] == pytest.approx(steps[1] - steps[0], abs=8 * 1024)
