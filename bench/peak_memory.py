@@ -150,7 +150,15 @@ class LiveTensors(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+        # A view or an in-place op returns an input's storage: nothing new was allocated.
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and t.device.type != "meta"
+        }
         for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() in inputs:
+                continue
             if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
                 self._track(tensor, f"{phase} {func.__name__} {list(tensor.shape)} {tensor.dtype}")
         return out

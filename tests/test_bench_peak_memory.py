@@ -48,9 +48,11 @@ def test_the_running_sum_of_allocations_peaks_where_the_bytes_did() -> None:
 
 
 def test_the_live_tensors_at_the_peak_are_those_alive_together() -> None:
+    outside = torch.empty(16 * MIB, dtype=torch.uint8)  # made before: not the step's
     with peak_memory.LiveTensors() as live:
         before = torch.empty(32 * MIB, dtype=torch.uint8)
         live.mark()
+        outside.view(4, -1).add_(1)  # a view and an in-place op allocate nothing
         first = torch.empty(4 * MIB, dtype=torch.uint8)
         second = torch.ones(2, MIB, dtype=torch.float32)  # 8 MiB
         del first

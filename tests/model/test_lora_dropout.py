@@ -137,3 +137,31 @@ def test_bf16_inputs_are_kept_as_they_are_under_autocast():
     peft_model, fused = _bf16_base_pair(0.3)
     assert fp32_inputs_kept(peft_model)  # peft keeps fp32 copies of the inputs
     assert fp32_inputs_kept(fused) == []
+
+
+def test_backward_rebuilds_the_dropped_input_in_its_forward_dtype():
+    """Backward runs outside autocast: rebuilt in the weight's fp32, the dropped input of an
+    MLP-wide layer took three fp32 copies (input, mask, product), the step's memory peak."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Outputs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.made: list[tuple[torch.dtype, torch.Size]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.made.append((out.dtype, out.shape))
+            return out
+
+    _, fused = _bf16_base_pair(0.3)
+    x = torch.randn(2, 64, 8).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused(x).float().sum()
+    with Outputs() as outputs:
+        loss.backward()
+    # The down layer's bf16 input (2 x 64 x 16): its mask and dropped copy are rebuilt here.
+    down_input = [dtype for dtype, shape in outputs.made if shape == (2, 64, 16)]
+    assert down_input
+    assert torch.float32 not in down_input

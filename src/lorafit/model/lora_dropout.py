@@ -39,13 +39,17 @@ class _DropoutLinear(torch.autograd.Function):
         out = F.linear(_drop(compute, keep, scale), weight)  # autocast casts it on
         ctx.save_for_backward(x, weight, keep)
         ctx.scale = scale
+        # Backward runs outside autocast: it must rebuild the dropped input in the dtype it had
+        # here (bf16 under autocast), not in the weight's (an fp32 copy of an MLP-wide input,
+        # and two more for the mask and the product, was the step's memory peak).
+        ctx.compute_dtype = compute.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         x, weight, keep = ctx.saved_tensors
         dtype = grad_out.dtype  # the forward's matmul dtype (bf16 under autocast)
-        compute = _to_compute(x, weight)  # what the mask was applied to, as in forward
+        compute = x.to(ctx.compute_dtype)  # what the mask was applied to, as in forward
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_dropped = (grad_out @ weight.to(dtype)).to(compute.dtype)
