@@ -292,7 +292,14 @@ def data_overrides(path: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sequence-len", type=int, default=2048)
-    parser.add_argument("--layers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="layer counts measured; the first two give the projection (with "
+        "model.checkpoint_every=n, make them n apart: 2 4 for n=2)",
+    )
     parser.add_argument("--data", type=Path, default=ALPACA, help="alpaca rows (json)")
     parser.add_argument("--set", action="append", default=[], help="a lorafit override")
     parser.add_argument(
