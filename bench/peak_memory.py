@@ -42,9 +42,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from peer_worker import compose  # noqa: E402
+from peers import ALPACA, data_overrides  # noqa: E402
 
-ALPACA = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
-LAYERS_32 = 32
+PRESET = "experiment=mistral7b_random_qlora"
 GIB = 2**30
 
 
@@ -233,7 +233,7 @@ def measure(
     with tempfile.TemporaryDirectory() as output:
         cfg = compose(
             [
-                "experiment=mistral7b_random_qlora",
+                PRESET,
                 "trainer=cpu_bf16",
                 "optimizer=adamw",  # paged AdamW needs CUDA; the same state, see above
                 f"model.source.num_hidden_layers={layers}",
@@ -264,9 +264,9 @@ def measure(
         return {**meter.live, "step peak above": meter.peak_above, "left": meter.left_above}
 
 
-def table(results: dict[int, dict[str, int]], projected: dict[str, int]) -> str:
+def table(results: dict[int, dict[str, int]], projected: dict[str, int], layers: int) -> str:
     parts = [k for k in next(iter(results.values())) if k != "left"]
-    head = [f"{n} layer{'s' if n > 1 else ''}" for n in results] + ["32 layers, projected"]
+    head = [f"{n} layer{'s' if n > 1 else ''}" for n in results] + [f"{layers} layers, projected"]
     lines = ["| part | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(head)]
 
     def row(name: str, values: list[int]) -> str:
@@ -280,13 +280,6 @@ def table(results: dict[int, dict[str, int]], projected: dict[str, int]) -> str:
     lines.append(row("peak, optimizer state paged out of torch's count", without_optimizer))
     left = ", ".join(f"{n}: {r['left'] / 2**20:.1f} MiB" for n, r in results.items())
     return "\n".join(lines) + f"\n\nleft allocated after the step, by layer count: {left}"
-
-
-def data_overrides(path: Path) -> list[str]:
-    if path.is_file():
-        return ["data=local", f"data.datasets.0.path={path}"]
-    print(f"{path} is absent: the built-in demo rows")
-    return ["data=demo"]
 
 
 def main() -> None:
@@ -308,21 +301,25 @@ def main() -> None:
         help="list the largest tensors alive at the peak of one step, the first layer count",
     )
     args = parser.parse_args()
+    data, rows = data_overrides(args)
+    print(f"rows: {rows}")
     if args.at_peak:
-        measure(args.layers[0], args.sequence_len, data_overrides(args.data), args.set, True)
+        measure(args.layers[0], args.sequence_len, data, args.set, True)
         return
     if len(args.layers) < 2 or sorted(set(args.layers)) != args.layers:
         parser.error("--layers takes two or more increasing layer counts")
-    data = data_overrides(args.data)
+    # The preset's own depth: Mistral-7B's 32 decoder layers.
+    with tempfile.TemporaryDirectory() as output:
+        full = compose([PRESET], output).model.source.num_hidden_layers
     results = {n: measure(n, args.sequence_len, data, args.set) for n in args.layers}
     first, second = results[args.layers[0]], results[args.layers[1]]
     slope_layers = args.layers[1] - args.layers[0]
     projected = {
-        k: first[k] + (second[k] - first[k]) * (LAYERS_32 - args.layers[0]) // slope_layers
+        k: first[k] + (second[k] - first[k]) * (full - args.layers[0]) // slope_layers
         for k in first
     }
     print(f"sequence_len {args.sequence_len}, overrides {args.set or 'none'}\n")
-    print(table(results, projected))
+    print(table(results, projected, full))
 
 
 if __name__ == "__main__":
