@@ -163,6 +163,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--jobs", type=int, default=1, help="variants at once (timings then clash)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        help="seconds after which no further variant starts (those left are reported skipped), "
+        "so that a run on a leased machine ends with its table",
+    )
     parser.add_argument("--out", type=Path, help="write the raw results as JSON")
     args = parser.parse_args(argv)
     args.suite = args.suite or ("gpu" if args.device == "cuda" else "cpu")
@@ -541,6 +547,11 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(raw, indent=1) + "\n")
 
     def run(variant: Variant) -> Variant:
+        if args.budget is not None and time.perf_counter() - start > args.budget:
+            print(f"{variant.key}: not started, the budget is spent", file=sys.stderr, flush=True)
+            if not variant.rounds:  # one finished round still stands for the variant
+                variant.status, variant.note = "skipped", f"not started: {args.budget:g} s spent"
+            return variant
         done = run_variant(variant, args, Path(folder))
         save()
         return done

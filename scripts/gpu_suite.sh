@@ -64,8 +64,14 @@ setup() {
         exit 2
     fi
     local site="${LORAFIT_GPU_SITE:-/tmp/lorafit-gpu-site}"
-    python3 -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir \
-        --upgrade --target "$site" "$WHEELS"/*.whl
+    # Installed once a machine: later calls (bench, then run) find the same wheels in place.
+    local stamp="$site/.lorafit-wheels" wanted
+    wanted="$(cd "$WHEELS" && ls -l ./*.whl)"
+    if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$wanted" ]]; then
+        python3 -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir \
+            --upgrade --target "$site" "$WHEELS"/*.whl
+        printf '%s\n' "$wanted" >"$stamp"
+    fi
     # Only the tokenizer file: lorafit finds it by the package's location, never imports it.
     mkdir -p "$site/$(dirname "$TOKENIZER_FILE")"
     cp "$WHEELS/$TOKENIZER_FILE" "$site/$TOKENIZER_FILE"

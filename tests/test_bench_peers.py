@@ -155,3 +155,30 @@ def test_the_flop_count_follows_the_layers_checkpointing_recomputes() -> None:
     table = _table_rows(peers.table(rows, args))
     # 1000 tokens/s x 10^9 parameters x 8, 7 and 6 FLOPs, against 100 TFLOP/s.
     assert [table[k][-1] for k in ("every", "half", "none")] == ["8.0%", "7.0%", "6.0%"]
+
+
+def test_a_spent_budget_starts_no_further_variant(monkeypatch, tmp_path: Path) -> None:
+    """--budget: the variant running when it is spent finishes, later ones are reported skipped
+    and the table and the raw results still come out (a leased machine's run ends cleanly)."""
+    peers = _harness()
+    clock = [0.0]
+    monkeypatch.setattr(peers.time, "perf_counter", lambda: clock[0])
+    ran = []
+
+    def fake_run(variant, args, folder):
+        ran.append(variant.key)
+        clock[0] += 60.0  # each variant takes a minute
+        variant.result = {"tokens_per_s": 100.0, "peak_rss_kib": 10, "mean_loss": 1.0}
+        variant.result |= {"steps": 2, "tokens_per_step": 256.0, "examples_per_step": 2}
+        variant.rounds.append(variant.result)
+        variant.status = "ok"
+        return variant
+
+    monkeypatch.setattr(peers, "run_variant", fake_run)
+    out = tmp_path / "raw.json"
+    wanted = "lorafit-packed,hf-flat,hf-padded"
+    peers.main(["--tiny", "--variants", wanted, "--budget", "90", "--out", str(out)])
+    assert ran == ["lorafit-packed", "hf-flat"]  # started at 0 s and 60 s; not at 120 s
+    status = {v["key"]: (v["status"], v["note"]) for v in json.loads(out.read_text())["variants"]}
+    assert status["hf-padded"] == ("skipped", "not started: 90 s spent")
+    assert status["lorafit-packed"][0] == status["hf-flat"][0] == "ok"
