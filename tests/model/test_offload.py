@@ -10,6 +10,7 @@ import gc
 import math
 import weakref
 
+import numpy
 import pytest
 import torch
 
@@ -169,3 +170,28 @@ def test_on_a_gpu_the_layer_inputs_leave_device_memory():
     assert torch.equal(results["offloaded"][0], results["plain"][0])
     for name, grad in results["offloaded"][1].items():
         assert torch.equal(grad, results["plain"][1][name]), name
+
+
+def test_a_new_tensor_at_a_dead_tensors_address_gets_its_own_copy():
+    """On a GPU the caching allocator hands a freed block straight to the next tensor of its
+    size, so the next layer's input often sits where the last one's did, with the same shape
+    and version; reusing the first one's host copy for it gave wrong gradients on an H200.
+    Reproduced on the CPU with two tensors over one buffer, written outside torch so that
+    both are at version 0."""
+    buffer = bytearray(4 * 1024)
+    values = numpy.frombuffer(buffer, dtype=numpy.float32)
+    weight = torch.nn.Parameter(torch.ones(1024))
+    hooks = HostOffload(offloads=lambda tensor: True, min_bytes=0)
+    with hooks:
+        values[:] = 1.0
+        first = torch.frombuffer(buffer, dtype=torch.float32)
+        total = (first * weight).sum()  # saves `first` for the weight's gradient
+        pointer = first.data_ptr()
+        del first  # only its host copy is left
+        values[:] = 2.0
+        second = torch.frombuffer(buffer, dtype=torch.float32)
+        assert second.data_ptr() == pointer and second._version == 0
+        total = total + (second * weight).sum()
+    total.backward()
+    assert torch.equal(weight.grad, torch.full((1024,), 3.0))
+    assert hooks.offloaded_bytes == 2 * 4 * 1024

@@ -13,10 +13,16 @@ queued like a kernel, and the caching allocator does not hand its GPU block to a
 before the copy has run) and brought back the same way when backward reaches it. Weights and
 small tensors stay where they are; a tensor saved twice in one forward is copied once. The
 price is the copies' time on the stream: each layer input crosses the bus twice a step.
+
+"Saved twice" must mean the same tensor, not the same address: once its host copy is made, the
+device tensor can be freed, and a GPU's caching allocator hands the block straight to the next
+tensor of that size (the next layer's input, same shape, same version). So a copy is reused
+only while the tensor it was made from is still alive.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -52,8 +58,9 @@ class HostOffload(saved_tensors_hooks):
         self.weight_storages = {w.untyped_storage().data_ptr() for w in weights or []}
         self.offloaded_bytes = 0
         # One host copy per tensor saved several times in one forward (the same storage, view
-        # and version): keyed for the duration of the context, which is one forward.
-        self._copies: dict[tuple, torch.Tensor] = {}
+        # and version), with a weak reference to the tensor copied: a dead one's address may
+        # belong to another tensor by now. Kept for the context's duration, one forward.
+        self._copies: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
         super().__init__(self._pack, self._unpack)
 
     def __enter__(self) -> HostOffload:
@@ -84,8 +91,8 @@ class HostOffload(saved_tensors_hooks):
             tuple(tensor.stride()),
             tensor._version,
         )
-        host = self._copies.get(key)
-        if host is None:
+        source_ref, host = self._copies.get(key, (None, None))
+        if source_ref is None or source_ref() is None:
             # A view's own elements only, laid out contiguously; the storage may be larger.
             source = tensor.contiguous()
             host = torch.empty(
@@ -95,7 +102,7 @@ class HostOffload(saved_tensors_hooks):
                 pin_memory=source.is_cuda,
             )
             host.copy_(source, non_blocking=source.is_cuda)
-            self._copies[key] = host
+            self._copies[key] = (weakref.ref(tensor), host)
             self.offloaded_bytes += host.nbytes
         return tensor.device, host
 
