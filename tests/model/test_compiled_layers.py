@@ -1,9 +1,11 @@
-"""`model.compile`: the compiled MLPs and norms train what the eager ones train, dropout
-masks included, under bf16 autocast as on a GPU; the eval tools run the model uncompiled."""
+"""`model.compile`: the compiled MLPs, norms and attention projections of a QLoRA model train
+what the eager ones train, dropout masks included, under bf16 autocast as on a GPU; validation
+and the packing preflight run eager; the eval tools run the model uncompiled."""
 
 from __future__ import annotations
 
 import torch
+import torch._dynamo.utils
 
 from helpers import TINY, compose_config, logged
 from lorafit.model.module import CausalLMModule
@@ -20,13 +22,26 @@ def test_compiled_layers_train_what_eager_layers_train(tmp_path):
     # bf16 autocast as on a GPU, and dropout high enough that other masks would move the
     # losses of steps 2 and 3 far past rounding: the compiled MLPs must draw from torch's own
     # random stream, in the eager order.
-    common = ["trainer=cpu_bf16", "adapter.dropout=0.5"]
+    # 4-bit as the canonical job: bitsandbytes' matmul inside the compiled graphs.
+    common = ["trainer=cpu_bf16", "adapter=qlora", "adapter.dropout=0.5"]
     eager = _fit(common, tmp_path / "eager")
     compiled = _fit([*common, "model.compile=true"], tmp_path / "compiled")
     layers = compiled.model.get_base_model().model.layers
     assert all(layer.mlp._compiled_call_impl is not None for layer in layers)
     assert all(layer.self_attn._compiled_call_impl is None for layer in layers)
+    projections = [p for layer in layers for p in layer.self_attn.children()]
+    assert len(projections) == 4 * len(layers)
+    assert all(p._compiled_call_impl is not None for p in projections)
     assert eager.model.get_base_model().model.layers[0].mlp._compiled_call_impl is None
+    # Validation compiles nothing: its rows, of other lengths and in eval mode, would spend
+    # the compiler's recompile limit that the training graphs need.
+    layer = layers[0]
+    captured = torch._dynamo.utils.counters["stats"]["calls_captured"]
+    compiled.on_validation_start()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.mlp(torch.randn(1, 5, layer.mlp.gate_proj.in_features))
+    compiled.on_validation_end()
+    assert torch._dynamo.utils.counters["stats"]["calls_captured"] == captured
     for key in ("train/loss", "val/loss"):
         expected = torch.tensor(logged(tmp_path / "eager", key))
         # Fused kernels round bf16 in another order (2e-5 apart here); other masks: 1e-3 apart.

@@ -74,6 +74,8 @@ class CausalLMModule(pl.LightningModule):
         self.isolation: IsolationReport | None = None
         # model.offload_activations: the saved-tensor hooks around each training forward.
         self._offload: HostOffload | None = None
+        # model.compile: whether this module's decoder layers were compiled for training.
+        self._compiled = False
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -105,6 +107,7 @@ class CausalLMModule(pl.LightningModule):
         )
         if fitting and spec.get("compile", False):
             log.info("compiled decoder layers: %d", compile_decoder_layers(self.model))
+            self._compiled = True
         # from_pretrained returns eval mode, and Lightning keeps the modes it finds: without
         # this, dropout (lora_dropout included) would silently never apply.
         self.model.train()
@@ -180,7 +183,7 @@ class CausalLMModule(pl.LightningModule):
         # will, so its tolerance is that precision's.
         datamodule = self.trainer.datamodule
         if getattr(datamodule, "sample_packing", False):
-            with self.trainer.precision_plugin.forward_context():
+            with self.trainer.precision_plugin.forward_context(), _eager_if(self._compiled):
                 self.isolation = check_isolation(
                     self, datamodule.dataset("train"), datamodule.collate
                 )
@@ -228,6 +231,17 @@ class CausalLMModule(pl.LightningModule):
         # step, the loading of its batches and its forward and backward passes.
         self.step_loss, self._step_tokens = 0.0, 0
         self._step_started = time.perf_counter()
+
+    # With model.compile, validation and the packing preflight run eager: their rows vary in
+    # length and run in eval mode, and each variant compiled would spend the recompile limit
+    # (8 graphs a function) that the training graphs need, leaving training to run eager.
+    def on_validation_start(self) -> None:
+        if self._compiled:
+            torch.compiler.set_stance("force_eager")
+
+    def on_validation_end(self) -> None:
+        if self._compiled:
+            torch.compiler.set_stance("default")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss_sum, count = self._loss_sum(batch)
@@ -321,3 +335,7 @@ def build_module(cfg: DictConfig, **runtime: Any) -> pl.LightningModule:
         **settings,
         **runtime,
     )
+
+
+def _eager_if(eager: bool) -> contextlib.AbstractContextManager:
+    return torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
