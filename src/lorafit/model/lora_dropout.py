@@ -27,16 +27,14 @@ from torch import nn
 
 class _DropoutLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, p):  # noqa: ANN001, ANN205
-        # The mask nn.Dropout draws (the same bernoulli_ call on the same random stream, here
-        # into one byte a value), and its 1 / (1 - p) computed as it computes it, in the
-        # adapter's dtype. The scale stays a CPU scalar: multiplying a bf16 tensor by it is
-        # done in fp32 and rounded once, as peft's fp32 product cast to bf16 is, where a scale
-        # cast to bf16 would already be off in its third digit.
+    def forward(ctx, x, weight, p, scale):  # noqa: ANN001, ANN205
+        # The mask nn.Dropout draws: the same bernoulli_ call on the same random stream, here
+        # into one byte a value. `scale` is its 1 / (1 - p) (see `DropoutLinear.scale`).
         keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
-        scale = torch.ones((), dtype=weight.dtype, device="cpu") / (1 - p)
         compute = _to_compute(x, weight)
-        out = F.linear(_drop(compute, keep, scale), weight)  # autocast casts it on
+        out = F.linear(
+            _drop(compute, _mask(keep, compute.dtype), scale), weight
+        )  # autocast casts it
         ctx.save_for_backward(x, weight, keep)
         ctx.scale = scale
         # Backward runs outside autocast: it must rebuild the dropped input in the dtype it had
@@ -50,27 +48,30 @@ class _DropoutLinear(torch.autograd.Function):
         x, weight, keep = ctx.saved_tensors
         dtype = grad_out.dtype  # the forward's matmul dtype (bf16 under autocast)
         compute = x.to(ctx.compute_dtype)  # what the mask was applied to, as in forward
+        mask = _mask(keep, compute.dtype)  # converted once for both gradients
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_dropped = (grad_out @ weight.to(dtype)).to(compute.dtype)
-            grad_x = _drop(grad_dropped, keep, ctx.scale, out=grad_dropped).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dropped = _drop(compute, keep, ctx.scale).to(dtype).reshape(-1, x.shape[-1])
+            grad_x = _drop(grad_dropped, mask, ctx.scale, out=grad_dropped).to(x.dtype)
+        if ctx.needs_input_grad[1]:  # last: it multiplies into the mask
+            dropped = _drop(compute, mask, ctx.scale).to(dtype).reshape(-1, x.shape[-1])
             grad_weight = (grad_out.reshape(-1, grad_out.shape[-1]).T @ dropped).to(weight.dtype)
-        return grad_x, grad_weight, None
+        return grad_x, grad_weight, None, None
+
+
+def _mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The bool mask as 0 / 1 in `dtype`: through a uint8 view, as a float tensor times a bool
+    one takes torch's per-element casting loop on CPU (40x slower than a float product here,
+    `bench/mask_product.py`), while a uint8 view converts in one vectorized pass."""
+    return keep.view(torch.uint8).to(dtype)
 
 
 def _drop(
-    x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None
+    x: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x * keep * scale, the product nn.Dropout makes, in x's dtype.
-
-    The byte mask is converted to x's dtype before the product: a float tensor times a bool
-    one takes torch's per-element casting loop on CPU (40x slower than a float product here,
-    `bench/mask_product.py`), while a uint8 view converts in one vectorized pass. Multiplying
-    by exactly 0 or 1 rounds nothing, so this is bit for bit `x * keep * scale`.
-    """
-    mask = keep.view(torch.uint8).to(x.dtype)
+    """x * mask * scale, the product nn.Dropout makes, in x's dtype: into `mask` (consumed),
+    or into `out`. Multiplying by exactly 0 or 1 rounds nothing, so this is bit for bit
+    `x * keep * scale`."""
     if out is None:
         return mask.mul_(x).mul_(scale)
     return out.mul_(mask).mul_(scale)
@@ -90,11 +91,22 @@ class DropoutLinear(nn.Linear):
         super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
         self.weight = linear.weight
         self.p = p
+        self._scales: dict[torch.dtype, torch.Tensor] = {}
+
+    def scale(self) -> torch.Tensor:
+        """1 / (1 - p) computed as nn.Dropout computes it, in the adapter's dtype, made once (two
+        host operations a call saved). It stays a CPU scalar: multiplying a bf16 tensor by it
+        is done in fp32 and rounded once, as peft's fp32 product cast to bf16 is, where a scale
+        cast to bf16 would already be off in its third digit."""
+        dtype = self.weight.dtype
+        if dtype not in self._scales:
+            self._scales[dtype] = torch.ones((), dtype=dtype, device="cpu") / (1 - self.p)
+        return self._scales[dtype]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return F.linear(_to_compute(x, self.weight), self.weight)
-        return _DropoutLinear.apply(x, self.weight, self.p)
+        return _DropoutLinear.apply(x, self.weight, self.p, self.scale())
 
 
 def fuse_lora_dropout(model: nn.Module) -> int:
