@@ -12,6 +12,7 @@ from transformers import BitsAndBytesConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lorafit.errors import ConfigError
+from lorafit.model.lora_branch import fuse_lora_branches
 from lorafit.model.lora_dropout import fuse_lora_dropout
 
 # Peft's shorthand for "every nn.Linear but the output head": Axolotl's lora_target_linear.
@@ -129,6 +130,7 @@ class LoraAdapter:
         else:
             adapted = get_peft_model(model, self.config)
         fuse_lora_dropout(adapted)  # same masks and losses, less kept for backward
+        fuse_lora_branches(adapted)  # 4-bit layers: the same numbers in fewer operators
         return adapted
 
 

@@ -1,0 +1,125 @@
+"""The LoRA branch of a 4-bit layer in training as one autograd function: the same numbers as
+peft's path, in fewer operators.
+
+peft's `Linear4bit.forward` computes `base(x).clone() + lora_B(lora_A(dropout(x))) * scaling`.
+Each piece is its own module call and autograd node: under autocast every linear casts its
+weight, folds the input to two dimensions and unfolds the output, and autograd adds a node per
+view, cast and product; the `clone` is a full copy of the base output kept from older torch
+versions, which the out-of-place add after it makes needless. A decoder layer has seven such
+layers, run three times a step with gradient checkpointing (forward, recomputation, backward),
+and at 2048 tokens a row a GPU waits on the host that dispatches them (docs/benchmarks.md).
+
+Here the branch (dropout, lora_A, lora_B, scale) is one autograd function whose forward and
+backward make the very operations autograd makes for peft's path, in the same order, dtypes
+and layouts, so losses and gradients are bit for bit peft's (`tests/model/test_lora_branch.py`),
+with the dropout mask drawn as `nn.Dropout` draws it and kept as one byte a value
+(`lora_dropout.py`). Layers in any other state (eval, merged, adapters disabled, several active
+adapters, a variant such as DoRA, extra arguments) take peft's own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.lora.bnb import Linear4bit
+from torch import nn
+
+from lorafit.model.lora_dropout import DropoutLinear, _drop, _mask, _to_compute
+
+
+def _matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype autocast runs a linear in for x's device, else the adapter's own."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+class _LoraBranch(torch.autograd.Function):
+    """lora_B(lora_A(dropout(x))) * scaling, with lora_A, lora_B the adapter's weights."""
+
+    @staticmethod
+    def forward(ctx, x, weight_a, weight_b, p, scale, scaling):  # noqa: ANN001, ANN205
+        dtype = _matmul_dtype(x, weight_a)
+        compute = _to_compute(x, weight_a)  # x as is under autocast (lora_dropout.py)
+        if p > 0:
+            keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+            dropped = _drop(compute, _mask(keep, compute.dtype), scale)
+        else:
+            keep, dropped = None, compute
+        # What F.linear makes of a 3-d input: a 2-d product on the folded input.
+        a_cast, b_cast = weight_a.to(dtype), weight_b.to(dtype)
+        hidden = dropped.reshape(-1, x.shape[-1]).to(dtype).mm(a_cast.t())
+        out = hidden.mm(b_cast.t()) * scaling
+        ctx.save_for_backward(x, keep, a_cast, b_cast, hidden)
+        ctx.p, ctx.scale, ctx.scaling = p, scale, scaling
+        ctx.compute_dtype = compute.dtype
+        ctx.weight_dtypes = (weight_a.dtype, weight_b.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        x, keep, a_cast, b_cast, hidden = ctx.saved_tensors
+        needs_x, needs_a, needs_b = ctx.needs_input_grad[:3]
+        # The product by scaling, then lora_B's product as autograd's MmBackward makes it.
+        grad_b_out = grad_out.reshape(-1, grad_out.shape[-1]) * ctx.scaling
+        grad_x = grad_a = grad_b = None
+        if needs_b:
+            grad_b = grad_b_out.t().mm(hidden).to(ctx.weight_dtypes[1])
+        grad_hidden = grad_b_out.mm(b_cast)
+        flat = x.to(ctx.compute_dtype).reshape(-1, x.shape[-1])  # as the mask was applied to
+        mask = _mask(keep, flat.dtype).view(flat.shape) if keep is not None else None
+        if needs_x:
+            grad_dropped = grad_hidden.mm(a_cast).to(flat.dtype)
+            if mask is not None:
+                grad_dropped = _drop(grad_dropped, mask, ctx.scale, out=grad_dropped)
+            grad_x = grad_dropped.view(x.shape).to(x.dtype)
+        if needs_a:  # last: it multiplies into the mask
+            dropped = _drop(flat, mask, ctx.scale) if mask is not None else flat
+            grad_a = (grad_hidden.t() @ dropped.to(grad_hidden.dtype)).to(ctx.weight_dtypes[0])
+        return grad_x, grad_a, grad_b, None, None, None
+
+
+def _plain_adapter(layer: nn.Module) -> str | None:
+    """The one adapter a plain LoRA step runs on this layer, if it is in that state."""
+    if not layer.training or layer.disable_adapters or layer.merged:
+        return None
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):
+        return None
+    name = active[0]
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    if not isinstance(lora_a, DropoutLinear) or lora_b.bias is not None:
+        return None
+    if not isinstance(layer.lora_dropout[name], nn.Identity):
+        return None
+    return name
+
+
+class FusedBranchLinear4bit(Linear4bit):
+    """peft's 4-bit LoRA layer with its training branch as one autograd function; the class
+    its layers are switched to (same state, same state dict)."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = _plain_adapter(self) if not args and not kwargs else None
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x)
+        lora_a = self.lora_A[name]
+        branch = _LoraBranch.apply(
+            x, lora_a.weight, self.lora_B[name].weight, lora_a.p, lora_a.scale(), self.scaling[name]
+        )
+        # peft casts the branch to the base output's dtype where no autocast runs; under
+        # autocast the add promotes it, which gives the same numbers (bf16 to fp32 is exact).
+        if branch.dtype != result.dtype and not torch.is_autocast_enabled(x.device.type):
+            branch = branch.to(result.dtype)
+        return result + branch
+
+
+def fuse_lora_branches(model: nn.Module) -> int:
+    """Switch each peft 4-bit LoRA layer to `FusedBranchLinear4bit`; returns how many."""
+    fused = 0
+    for module in model.modules():
+        if type(module) is Linear4bit:
+            module.__class__ = FusedBranchLinear4bit
+            fused += 1
+    return fused
