@@ -16,20 +16,21 @@ from lorafit.model.lora_branch import FusedBranchLinear4bit, fuse_lora_branches
 from lorafit.model.lora_dropout import fuse_lora_dropout
 
 
-def _four_bit(n_in: int, n_out: int) -> bnb.nn.Linear4bit:
+def _four_bit(n_in: int, n_out: int, device: str) -> bnb.nn.Linear4bit:
     layer = bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.bfloat16)
     weight = torch.randn(n_out, n_in) / n_in**0.5
-    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")._quantize("cpu")
+    params = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+    layer.weight = params._quantize(device)
     return layer
 
 
 class Tiny(nn.Module):
     is_loaded_in_4bit = True  # what peft reads to wrap bitsandbytes' layers
 
-    def __init__(self, checkpointed: bool = False):
+    def __init__(self, checkpointed: bool = False, device: str = "cpu"):
         super().__init__()
-        self.up = _four_bit(64, 128)
-        self.down = _four_bit(128, 64)
+        self.up = _four_bit(64, 128, device)
+        self.down = _four_bit(128, 64, device)
         self.checkpointed = checkpointed
 
     def block(self, x):
@@ -41,10 +42,10 @@ class Tiny(nn.Module):
         )
 
 
-def _model(p: float, fused: bool, checkpointed: bool = False) -> nn.Module:
+def _model(p: float, fused: bool, checkpointed: bool = False, device: str = "cpu") -> nn.Module:
     torch.manual_seed(0)
     model = get_peft_model(
-        Tiny(checkpointed),
+        Tiny(checkpointed, device),
         LoraConfig(r=8, lora_alpha=16, lora_dropout=p, target_modules=["up", "down"]),
     )
     for name, param in model.named_parameters():
@@ -53,7 +54,7 @@ def _model(p: float, fused: bool, checkpointed: bool = False) -> nn.Module:
     if fused:
         fuse_lora_dropout(model)
         assert fuse_lora_branches(model) == 2
-    return model.train()
+    return model.to(device).train()
 
 
 def _run(model, x, seed):
@@ -63,16 +64,11 @@ def _run(model, x, seed):
     return loss, torch.autograd.grad(loss, [x, *lora])
 
 
-@pytest.mark.parametrize("checkpointed", [False, True])
-@pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize(
-    ("autocast", "activations"),
-    [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)],
-)
-def test_the_branch_gives_peft_s_losses_and_gradients(autocast, activations, p, checkpointed):
-    peft_model, fused = _model(p, False, checkpointed), _model(p, True, checkpointed)
-    x = torch.randn(2, 7, 64, dtype=activations, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+def _compare(autocast, activations, p, checkpointed, device="cpu"):
+    peft_model = _model(p, False, checkpointed, device)
+    fused = _model(p, True, checkpointed, device)
+    x = torch.randn(2, 7, 64, dtype=activations, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         for seed in (1, 2):
             loss, grads = _run(peft_model, x, seed)
             fused_loss, fused_grads = _run(fused, x, seed)
@@ -82,6 +78,24 @@ def test_the_branch_gives_peft_s_losses_and_gradients(autocast, activations, p, 
                 assert torch.equal(grad, expected)
     if p:  # other seeds draw other masks: dropout applies
         assert not torch.equal(_run(fused, x, 1)[0], _run(fused, x, 2)[0])
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize(
+    ("autocast", "activations"),
+    [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)],
+)
+def test_the_branch_gives_peft_s_losses_and_gradients(autocast, activations, p, checkpointed):
+    _compare(autocast, activations, p, checkpointed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("activations", [torch.float32, torch.bfloat16])
+def test_on_a_gpu_the_branch_gives_peft_s_losses_and_gradients(activations):
+    # cuBLAS and bitsandbytes' CUDA kernels, CUDA's random stream, under bf16 autocast.
+    _compare(True, activations, 0.3, True, "cuda")
 
 
 class _Count(TorchDispatchMode):
