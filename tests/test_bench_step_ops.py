@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
+
+from helpers import CountOps
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -49,16 +50,6 @@ class Toy(torch.nn.Module):
         return checkpoint(self.layer, x, use_reentrant=False)
 
 
-class All(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _step(model, x, mode):
     with mode:
         loss = model(x).sum()
@@ -69,7 +60,7 @@ def test_each_operator_is_counted_once_under_its_module() -> None:
     torch.manual_seed(0)
     model = get_peft_model(Toy(), LoraConfig(r=4, target_modules=["proj"]))
     x = torch.randn(3, 16, requires_grad=True)
-    everything = All()
+    everything = CountOps()
     _step(model, x, everything)
     counter = step_ops.OpCounter(model)
     _step(model, x, counter)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lorafit.runs.metrics_log import read_metrics
 
@@ -86,3 +87,15 @@ def packed_demo(examples, capacity: int = 256):
 
     packed = PackedExamples(examples, pack_rows(examples.lengths().tolist(), capacity))
     return packed, lambda items: packed_collate(items, pad_token_id=0)
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten operators dispatched while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))

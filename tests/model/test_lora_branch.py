@@ -9,9 +9,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
+from helpers import CountOps
 from lorafit.model.lora_branch import FusedBranchLinear4bit, fuse_lora_branches
 from lorafit.model.lora_dropout import fuse_lora_dropout
 
@@ -98,16 +98,6 @@ def test_on_a_gpu_the_branch_gives_peft_s_losses_and_gradients(activations):
     _compare(True, activations, 0.3, True, "cuda")
 
 
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_the_branch_dispatches_fewer_operators():
     """Against peft's layer with the dropout already fused into lora_A, the path before."""
     x = torch.randn(2, 7, 64, requires_grad=True)
@@ -116,7 +106,7 @@ def test_the_branch_dispatches_fewer_operators():
     counts = []
     for model in (before, _model(0.3, True)):
         _run(model, x, 0)  # the dropout scales are made once
-        with torch.autocast("cpu", dtype=torch.bfloat16), _Count() as count:
+        with torch.autocast("cpu", dtype=torch.bfloat16), CountOps() as count:
             _run(model, x, 1)
         counts.append(count.n)
     assert counts[1] <= 0.9 * counts[0], counts
