@@ -23,7 +23,7 @@ import torch
 from peft.tuners.lora.bnb import Linear4bit
 from torch import nn
 
-from lorafit.model.lora_dropout import DropoutLinear, _drop, _mask, _to_compute
+from lorafit.model.lora_dropout import DropoutLinear, drop_into, mask_in, matmul_input
 
 
 def _matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -40,10 +40,10 @@ class _LoraBranch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, p, scale, scaling):  # noqa: ANN001, ANN205
         dtype = _matmul_dtype(x, weight_a)
-        compute = _to_compute(x, weight_a)  # x as is under autocast (lora_dropout.py)
+        compute = matmul_input(x, weight_a)  # x as is under autocast (lora_dropout.py)
         if p > 0:
             keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
-            dropped = _drop(compute, _mask(keep, compute.dtype), scale)
+            dropped = drop_into(compute, mask_in(keep, compute.dtype), scale)
         else:
             keep, dropped = None, compute
         # What F.linear makes of a 3-d input: a 2-d product on the folded input.
@@ -51,7 +51,7 @@ class _LoraBranch(torch.autograd.Function):
         hidden = dropped.reshape(-1, x.shape[-1]).to(dtype).mm(a_cast.t())
         out = hidden.mm(b_cast.t()) * scaling
         ctx.save_for_backward(x, keep, a_cast, b_cast, hidden)
-        ctx.p, ctx.scale, ctx.scaling = p, scale, scaling
+        ctx.scale, ctx.scaling = scale, scaling
         ctx.compute_dtype = compute.dtype
         ctx.weight_dtypes = (weight_a.dtype, weight_b.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -67,14 +67,14 @@ class _LoraBranch(torch.autograd.Function):
             grad_b = grad_b_out.t().mm(hidden).to(ctx.weight_dtypes[1])
         grad_hidden = grad_b_out.mm(b_cast)
         flat = x.to(ctx.compute_dtype).reshape(-1, x.shape[-1])  # as the mask was applied to
-        mask = _mask(keep, flat.dtype).view(flat.shape) if keep is not None else None
+        mask = mask_in(keep, flat.dtype).view(flat.shape) if keep is not None else None
         if needs_x:
             grad_dropped = grad_hidden.mm(a_cast).to(flat.dtype)
             if mask is not None:
-                grad_dropped = _drop(grad_dropped, mask, ctx.scale, out=grad_dropped)
+                grad_dropped = drop_into(grad_dropped, mask, ctx.scale, out=grad_dropped)
             grad_x = grad_dropped.view(x.shape).to(x.dtype)
         if needs_a:  # last: it multiplies into the mask
-            dropped = _drop(flat, mask, ctx.scale) if mask is not None else flat
+            dropped = drop_into(flat, mask, ctx.scale) if mask is not None else flat
             grad_a = (grad_hidden.t() @ dropped.to(grad_hidden.dtype)).to(ctx.weight_dtypes[0])
         return grad_x, grad_a, grad_b, None, None, None
 

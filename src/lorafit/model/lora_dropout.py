@@ -31,9 +31,9 @@ class _DropoutLinear(torch.autograd.Function):
         # The mask nn.Dropout draws: the same bernoulli_ call on the same random stream, here
         # into one byte a value. `scale` is its 1 / (1 - p) (see `DropoutLinear.scale`).
         keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
-        compute = _to_compute(x, weight)
+        compute = matmul_input(x, weight)
         out = F.linear(
-            _drop(compute, _mask(keep, compute.dtype), scale), weight
+            drop_into(compute, mask_in(keep, compute.dtype), scale), weight
         )  # autocast casts it
         ctx.save_for_backward(x, weight, keep)
         ctx.scale = scale
@@ -48,25 +48,25 @@ class _DropoutLinear(torch.autograd.Function):
         x, weight, keep = ctx.saved_tensors
         dtype = grad_out.dtype  # the forward's matmul dtype (bf16 under autocast)
         compute = x.to(ctx.compute_dtype)  # what the mask was applied to, as in forward
-        mask = _mask(keep, compute.dtype)  # converted once for both gradients
+        mask = mask_in(keep, compute.dtype)  # converted once for both gradients
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_dropped = (grad_out @ weight.to(dtype)).to(compute.dtype)
-            grad_x = _drop(grad_dropped, mask, ctx.scale, out=grad_dropped).to(x.dtype)
+            grad_x = drop_into(grad_dropped, mask, ctx.scale, out=grad_dropped).to(x.dtype)
         if ctx.needs_input_grad[1]:  # last: it multiplies into the mask
-            dropped = _drop(compute, mask, ctx.scale).to(dtype).reshape(-1, x.shape[-1])
+            dropped = drop_into(compute, mask, ctx.scale).to(dtype).reshape(-1, x.shape[-1])
             grad_weight = (grad_out.reshape(-1, grad_out.shape[-1]).T @ dropped).to(weight.dtype)
         return grad_x, grad_weight, None, None
 
 
-def _mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def mask_in(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The bool mask as 0 / 1 in `dtype`: through a uint8 view, as a float tensor times a bool
     one takes torch's per-element casting loop on CPU (40x slower than a float product here,
     `bench/mask_product.py`), while a uint8 view converts in one vectorized pass."""
     return keep.view(torch.uint8).to(dtype)
 
 
-def _drop(
+def drop_into(
     x: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x * mask * scale, the product nn.Dropout makes, in x's dtype: into `mask` (consumed),
@@ -77,7 +77,7 @@ def _drop(
     return out.mul_(mask).mul_(scale)
 
 
-def _to_compute(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def matmul_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x in the dtype lora_A's matmul takes: autocast's own (it casts), else the weight's."""
     if x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type):
         return x
@@ -105,7 +105,7 @@ class DropoutLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
-            return F.linear(_to_compute(x, self.weight), self.weight)
+            return F.linear(matmul_input(x, self.weight), self.weight)
         return _DropoutLinear.apply(x, self.weight, self.p, self.scale())
 
 
