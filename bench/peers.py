@@ -81,6 +81,8 @@ LEVERS = {
     "liger": ["model.liger_kernels=true"],  # Liger's RMSNorm, SwiGLU and RoPE (CUDA)
     # Norms, embeddings and output layer left in bf16 over the 4-bit base: a bf16 residual stream
     "bf16-stream": ["adapter.upcast_unquantized=false"],
+    # 4-bit projections return bf16 as nn.Linear does under autocast; the stream stays fp32
+    "autocast-outputs": ["adapter.autocast_outputs=true"],
     "compile": ["model.compile=true"],  # torch.compile of each layer's MLP and norms
     # Layer inputs kept for backward in pinned host memory (a no-op on a CPU)
     "offload": ["model.offload_activations=true"],

@@ -182,6 +182,8 @@ SWITCHES = (
     "data.train_on_inputs",
     "adapter.target_linear",
     "adapter.fan_in_fan_out",
+    "adapter.upcast_unquantized",
+    "adapter.autocast_outputs",
     "validate_before_training",
     "resume_force",
     "eval.do_sample",

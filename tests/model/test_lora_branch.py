@@ -4,24 +4,15 @@ checkpointing), dispatches fewer operators, and leaves other states to peft's fo
 
 from __future__ import annotations
 
-import bitsandbytes as bnb
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from helpers import CountOps
+from helpers import CountOps, four_bit_linear
 from lorafit.model.lora_branch import FusedBranchLinear4bit, fuse_lora_branches
 from lorafit.model.lora_dropout import fuse_lora_dropout
-
-
-def _four_bit(n_in: int, n_out: int, device: str) -> bnb.nn.Linear4bit:
-    layer = bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.bfloat16)
-    weight = torch.randn(n_out, n_in) / n_in**0.5
-    params = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
-    layer.weight = params._quantize(device)
-    return layer
 
 
 class Tiny(nn.Module):
@@ -29,8 +20,8 @@ class Tiny(nn.Module):
 
     def __init__(self, checkpointed: bool = False, device: str = "cpu"):
         super().__init__()
-        self.up = _four_bit(64, 128, device)
-        self.down = _four_bit(128, 64, device)
+        self.up = four_bit_linear(64, 128, device)
+        self.down = four_bit_linear(128, 64, device)
         self.checkpointed = checkpointed
 
     def block(self, x):

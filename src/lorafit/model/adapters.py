@@ -12,6 +12,7 @@ from transformers import BitsAndBytesConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lorafit.errors import ConfigError
+from lorafit.model.autocast_outputs import return_autocast_dtype
 from lorafit.model.lora_branch import fuse_lora_branches
 from lorafit.model.lora_dropout import fuse_lora_dropout
 
@@ -77,6 +78,9 @@ class LoraAdapter:
             stream between layers fp32 too. False keeps them in the dtype they loaded in, as
             Axolotl does with flash attention: the stream, and the layer inputs gradient
             checkpointing keeps, take half the memory.
+        autocast_outputs: Over a 4-bit base, the quantized layers return autocast's dtype as
+            nn.Linear does, not their input's: the work between projections runs in bf16
+            while the residual stream stays fp32 (`lorafit/model/autocast_outputs.py`).
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class LoraAdapter:
         quantization: BitsAndBytesConfig | None = None,
         lora_model_dir: str | None = None,
         upcast_unquantized: bool = True,
+        autocast_outputs: bool = False,
     ):
         if not target_linear and not target_modules:
             raise ConfigError("adapter.target_modules is empty and adapter.target_linear is false")
@@ -105,6 +110,7 @@ class LoraAdapter:
         self.quantization = quantization
         self.lora_model_dir = lora_model_dir
         self.upcast_unquantized = upcast_unquantized
+        self.autocast_outputs = autocast_outputs
 
     @property
     def bits(self) -> int | None:
@@ -131,6 +137,8 @@ class LoraAdapter:
             adapted = get_peft_model(model, self.config)
         fuse_lora_dropout(adapted)  # same masks and losses, less kept for backward
         fuse_lora_branches(adapted)  # 4-bit layers: the same numbers in fewer operators
+        if self.autocast_outputs and self.bits == 4:
+            return_autocast_dtype(adapted)
         return adapted
 
 
