@@ -303,6 +303,12 @@ CASES = [
     ("switch that is not a switch", ["data.sample_packing=banana"], None, r"true or false"),
     ("number as a switch", ["model.gradient_checkpointing=3"], None, r"true or false"),
     (
+        "4-bit outputs over a base that is not 4-bit",
+        ["adapter.autocast_outputs=true"],
+        None,
+        r"adapter\.autocast_outputs=True: expected false unless the base is 4-bit",
+    ),
+    (
         "checkpointing every zeroth layer",
         ["model.gradient_checkpointing=true", "model.checkpoint_every=0"],
         None,

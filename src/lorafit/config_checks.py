@@ -146,6 +146,16 @@ def check_values(cfg: DictConfig) -> None:
     _require(_is_int(warmup) and warmup >= 0, "scheduler.warmup_steps", warmup, "an integer >= 0")
     check_warmup(warmup, scheduler.get("warmup_ratio"))
     check_switches(cfg)
+    if adapter.get("autocast_outputs", False):
+        # Only bitsandbytes' 4-bit layer returns its input's dtype; nn.Linear already returns
+        # autocast's, and the 8-bit layer is left as it is: anywhere else it would do nothing.
+        four_bit = bool((adapter.get("quantization") or {}).get("load_in_4bit", False))
+        _require(
+            four_bit,
+            "adapter.autocast_outputs",
+            True,
+            "false unless the base is 4-bit (adapter=qlora)",
+        )
     check_trainer(cfg.trainer)
     check_callbacks(cfg.get("callbacks") or {})
     check_early_stopping(cfg)
