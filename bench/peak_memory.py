@@ -225,9 +225,9 @@ def live_storages(model: torch.nn.Module, optimizers) -> dict[str, int]:
     return sizes
 
 
-def measure(
-    layers: int, sequence_len: int, data: list[str], extra: list[str], at_peak: bool = False
-) -> dict:
+def fit_preset(layers: int, sequence_len: int, data: list[str], extra: list[str], meter) -> None:
+    """Train `PRESET` with `layers` decoder layers on the CPU for the few steps `meter` (a
+    callback that stops the run) needs; nothing is written but a temporary folder."""
     from lorafit.training import build_run
 
     with tempfile.TemporaryDirectory() as output:
@@ -243,7 +243,7 @@ def measure(
                 "trainer.max_steps=4",
                 "trainer.enable_progress_bar=false",
                 "logger=csv",
-                "callbacks.model_checkpoint=null",  # nothing written: memory only
+                "callbacks.model_checkpoint=null",
                 "callbacks.best_checkpoint=null",
                 "callbacks.export_adapter=null",
                 *data,
@@ -252,16 +252,22 @@ def measure(
             output,
         )
         run = build_run(cfg)
-        meter = StepPeak(at_peak=at_peak)
         run.trainer.callbacks.append(meter)
         run.trainer.fit(run.module, datamodule=run.datamodule)
-        if at_peak:
-            print(f"{layers} layer(s): the largest tensors alive at the step's peak")
-            for size, label in meter.peak_tensors:
-                print(f"  {size / 2**20:8.1f} MiB  {label}")
-        else:
-            print(f"{layers} layer(s): the step peaks in {meter.peak_ops}", flush=True)
-        return {**meter.live, "step peak above": meter.peak_above, "left": meter.left_above}
+
+
+def measure(
+    layers: int, sequence_len: int, data: list[str], extra: list[str], at_peak: bool = False
+) -> dict:
+    meter = StepPeak(at_peak=at_peak)
+    fit_preset(layers, sequence_len, data, extra, meter)
+    if at_peak:
+        print(f"{layers} layer(s): the largest tensors alive at the step's peak")
+        for size, label in meter.peak_tensors:
+            print(f"  {size / 2**20:8.1f} MiB  {label}")
+    else:
+        print(f"{layers} layer(s): the step peaks in {meter.peak_ops}", flush=True)
+    return {**meter.live, "step peak above": meter.peak_above, "left": meter.left_above}
 
 
 def table(results: dict[int, dict[str, int]], projected: dict[str, int], layers: int) -> str:

@@ -83,7 +83,7 @@ LEVERS = {
     "bf16-stream": ["adapter.upcast_unquantized=false"],
     # 4-bit projections return bf16 as nn.Linear does under autocast; the stream stays fp32
     "autocast-outputs": ["adapter.autocast_outputs=true"],
-    "compile": ["model.compile=true"],  # torch.compile of each layer's MLP and norms
+    "compile": ["model.compile=true"],  # torch.compile of each layer but its attention core
     # Layer inputs kept for backward in pinned host memory (a no-op on a CPU)
     "offload": ["model.offload_activations=true"],
     "bf16-offload": ["adapter.upcast_unquantized=false", "model.offload_activations=true"],

@@ -41,10 +41,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+from peak_memory import PRESET, fit_preset  # noqa: E402
 from peer_worker import compose  # noqa: E402
 from peers import ALPACA, data_overrides  # noqa: E402
 
-PRESET = "experiment=mistral7b_random_qlora"
 KINDS = [
     "LoRA projection",
     "norm",
@@ -170,37 +170,11 @@ class StepOps(Callback):
 
 
 def count(layers: int, data: list[str], extra: list[str]) -> collections.Counter:
-    from lorafit.training import build_run
-
-    with tempfile.TemporaryDirectory() as output:
-        cfg = compose(
-            [
-                PRESET,
-                "trainer=cpu_bf16",
-                "optimizer=adamw",  # paged AdamW needs CUDA
-                f"model.source.num_hidden_layers={layers}",
-                "++model.source.build_device=cpu",
-                # Narrow: the count does not depend on widths (4-bit blocks need multiples of 64).
-                "model.source.hidden_size=512",
-                "model.source.intermediate_size=1792",
-                "data.sequence_len=256",
-                "data.val_set_size=0",
-                "trainer.max_steps=4",
-                "trainer.enable_progress_bar=false",
-                "logger=csv",
-                "callbacks.model_checkpoint=null",
-                "callbacks.best_checkpoint=null",
-                "callbacks.export_adapter=null",
-                *data,
-                *extra,
-            ],
-            output,
-        )
-        run = build_run(cfg)
-        meter = StepOps()
-        run.trainer.callbacks.append(meter)
-        run.trainer.fit(run.module, datamodule=run.datamodule)
-        return meter.counts
+    meter = StepOps()
+    # Narrow: the count does not depend on widths (4-bit blocks need multiples of 64).
+    narrow = ["model.source.hidden_size=512", "model.source.intermediate_size=1792"]
+    fit_preset(layers, 256, data, [*narrow, *extra], meter)
+    return meter.counts
 
 
 def project(one: collections.Counter, two: collections.Counter, depth: int) -> collections.Counter:

@@ -23,7 +23,13 @@ import torch
 from peft.tuners.lora.bnb import Linear4bit
 from torch import nn
 
-from lorafit.model.lora_dropout import DropoutLinear, drop_into, mask_in, matmul_input
+from lorafit.model.lora_dropout import (
+    DropoutLinear,
+    drop_into,
+    dropout_linear_grads,
+    mask_in,
+    matmul_input,
+)
 
 
 def _matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -62,20 +68,16 @@ class _LoraBranch(torch.autograd.Function):
         needs_x, needs_a, needs_b = ctx.needs_input_grad[:3]
         # The product by scaling, then lora_B's product as autograd's MmBackward makes it.
         grad_b_out = grad_out.reshape(-1, grad_out.shape[-1]) * ctx.scaling
-        grad_x = grad_a = grad_b = None
+        grad_b = None
         if needs_b:
             grad_b = grad_b_out.t().mm(hidden).to(ctx.weight_dtypes[1])
         grad_hidden = grad_b_out.mm(b_cast)
-        flat = x.to(ctx.compute_dtype).reshape(-1, x.shape[-1])  # as the mask was applied to
-        mask = mask_in(keep, flat.dtype).view(flat.shape) if keep is not None else None
-        if needs_x:
-            grad_dropped = grad_hidden.mm(a_cast).to(flat.dtype)
-            if mask is not None:
-                grad_dropped = drop_into(grad_dropped, mask, ctx.scale, out=grad_dropped)
-            grad_x = grad_dropped.view(x.shape).to(x.dtype)
-        if needs_a:  # last: it multiplies into the mask
-            dropped = drop_into(flat, mask, ctx.scale) if mask is not None else flat
-            grad_a = (grad_hidden.t() @ dropped.to(grad_hidden.dtype)).to(ctx.weight_dtypes[0])
+        # lora_A with its dropout: its gradients as lora_dropout.py computes them.
+        grad_x, grad_a = dropout_linear_grads(
+            grad_hidden, x, keep, a_cast, ctx.scale, ctx.compute_dtype, (needs_x, needs_a)
+        )
+        if grad_a is not None:
+            grad_a = grad_a.to(ctx.weight_dtypes[0])
         return grad_x, grad_a, grad_b, None, None, None
 
 

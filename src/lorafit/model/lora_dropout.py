@@ -37,26 +37,50 @@ class _DropoutLinear(torch.autograd.Function):
         )  # autocast casts it
         ctx.save_for_backward(x, weight, keep)
         ctx.scale = scale
-        # Backward runs outside autocast: it must rebuild the dropped input in the dtype it had
-        # here (bf16 under autocast), not in the weight's (an fp32 copy of an MLP-wide input,
-        # and two more for the mask and the product, was the step's memory peak).
-        ctx.compute_dtype = compute.dtype
+        ctx.compute_dtype = compute.dtype  # backward rebuilds the dropped input in it
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         x, weight, keep = ctx.saved_tensors
-        dtype = grad_out.dtype  # the forward's matmul dtype (bf16 under autocast)
-        compute = x.to(ctx.compute_dtype)  # what the mask was applied to, as in forward
-        mask = mask_in(keep, compute.dtype)  # converted once for both gradients
-        grad_x = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_dropped = (grad_out @ weight.to(dtype)).to(compute.dtype)
-            grad_x = drop_into(grad_dropped, mask, ctx.scale, out=grad_dropped).to(x.dtype)
-        if ctx.needs_input_grad[1]:  # last: it multiplies into the mask
-            dropped = drop_into(compute, mask, ctx.scale).to(dtype).reshape(-1, x.shape[-1])
-            grad_weight = (grad_out.reshape(-1, grad_out.shape[-1]).T @ dropped).to(weight.dtype)
-        return grad_x, grad_weight, None, None
+        grads = dropout_linear_grads(
+            grad_out.reshape(-1, grad_out.shape[-1]),  # the matmul's dtype: bf16 under autocast
+            x,
+            keep,
+            weight,
+            ctx.scale,
+            ctx.compute_dtype,
+            ctx.needs_input_grad[:2],
+        )
+        return *grads, None, None
+
+
+def dropout_linear_grads(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    keep: torch.Tensor | None,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    compute_dtype: torch.dtype,
+    needs: tuple[bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of x and weight for `linear(x * keep * scale, weight)` (keep None: no
+    dropout), given the output's gradient folded to 2-d, with autograd's own products. The
+    dropped input is rebuilt in `compute_dtype`, the dtype the mask was applied in forward:
+    backward runs outside autocast, and rebuilding a bf16 input in the weight's fp32 (three
+    MLP-wide copies) was once the step's memory peak."""
+    flat = x.to(compute_dtype).reshape(-1, x.shape[-1])
+    mask = mask_in(keep, flat.dtype).view(flat.shape) if keep is not None else None
+    grad_x = grad_weight = None
+    if needs[0]:
+        grad_dropped = grad_out.mm(weight.to(grad_out.dtype)).to(flat.dtype)
+        if mask is not None:
+            grad_dropped = drop_into(grad_dropped, mask, scale, out=grad_dropped)
+        grad_x = grad_dropped.view(x.shape).to(x.dtype)
+    if needs[1]:  # last: it multiplies into the mask
+        dropped = drop_into(flat, mask, scale) if mask is not None else flat
+        grad_weight = (grad_out.t() @ dropped.to(grad_out.dtype)).to(weight.dtype)
+    return grad_x, grad_weight
 
 
 def mask_in(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
