@@ -13,6 +13,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lorafit.errors import ConfigError
 from lorafit.model.autocast_outputs import return_autocast_dtype
+from lorafit.model.loaded_embeddings import keep_embeddings_as_loaded
 from lorafit.model.lora_branch import fuse_lora_branches
 from lorafit.model.lora_dropout import fuse_lora_dropout
 
@@ -74,10 +75,12 @@ class LoraAdapter:
         quantization: A BitsAndBytesConfig (qlora: 4-bit NF4, lora_8bit: 8-bit), or None.
         lora_model_dir: Start from this saved adapter instead of a fresh one.
         upcast_unquantized: Over a 4- or 8-bit base, peft's recipe: the weights left
-            unquantized (norms, embeddings, output layer) in fp32, which makes the residual
-            stream between layers fp32 too. False keeps them in the dtype they loaded in, as
-            Axolotl does with flash attention: the stream, and the layer inputs gradient
-            checkpointing keeps, take half the memory.
+            unquantized (norms, embeddings, output layer) compute in fp32, which makes the
+            residual stream between layers fp32 too; the embedding and output layer keep
+            their loaded dtype and compute as fp32 copies would (`loaded_embeddings.py`).
+            False keeps them all in the dtype they loaded in, as Axolotl does with flash
+            attention: the stream, and the layer inputs gradient checkpointing keeps, take
+            half the memory.
         autocast_outputs: Over a 4-bit base, the quantized layers return autocast's dtype as
             nn.Linear does, not their input's: the work between projections runs in bf16
             while the residual stream stays fp32 (`lorafit/model/autocast_outputs.py`).
@@ -121,16 +124,19 @@ class LoraAdapter:
     ) -> PeftModel:
         """Freeze the base and attach the adapter; only adapter weights require grad. With
         checkpointing, every `checkpoint_every`-th decoder layer recomputes its activations."""
-        keep = self.bits is not None and not self.upcast_unquantized
-        loaded = {name: p.dtype for name, p in model.named_parameters()} if keep else {}
+        quantized = self.bits is not None
+        loaded = {name: p.dtype for name, p in model.named_parameters()} if quantized else {}
         if gradient_checkpointing:
-            _enable_gradient_checkpointing(model, self.bits is not None, checkpoint_every)
-        elif self.bits is not None:
+            _enable_gradient_checkpointing(model, quantized, checkpoint_every)
+        elif quantized:
             prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        for name, p in model.named_parameters():
-            if name in loaded and p.dtype != loaded[name]:
-                # Back from peft's fp32 copy: exact, every value came from this dtype.
-                p.data = p.data.to(loaded[name])
+        if quantized and not self.upcast_unquantized:
+            for name, p in model.named_parameters():
+                if p.dtype != loaded[name]:
+                    # Back from peft's fp32 copy: exact, every value came from this dtype.
+                    p.data = p.data.to(loaded[name])
+        elif quantized:
+            keep_embeddings_as_loaded(model, loaded)  # the same numbers in half the memory
         if self.lora_model_dir:
             adapted = PeftModel.from_pretrained(model, Path(self.lora_model_dir), is_trainable=True)
         else:

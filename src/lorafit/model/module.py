@@ -23,6 +23,7 @@ from lorafit.model.compiled_layers import compile_decoder_layers
 from lorafit.model.fused_loss import linear_cross_entropy_sum
 from lorafit.model.isolation import IsolationReport, check_isolation
 from lorafit.model.liger import apply_liger_kernels, check_liger
+from lorafit.model.loaded_embeddings import LoadedDtypeLinear
 from lorafit.model.losses import token_loss_sum
 from lorafit.model.offload import HostOffload
 from lorafit.model.quantization import check_bitsandbytes, disable_cpu_weight_repacking
@@ -149,7 +150,7 @@ class CausalLMModule(pl.LightningModule):
         head = causal_lm.get_output_embeddings()
         config = causal_lm.config
         if (
-            type(head) is not torch.nn.Linear
+            type(head) not in (torch.nn.Linear, LoadedDtypeLinear)
             or head.bias is not None
             or getattr(config, "final_logit_softcapping", None) is not None
             or getattr(config, "logit_scale", None) is not None
