@@ -13,17 +13,21 @@ from lorafit.model.loaded_embeddings import LoadedDtypeLinear, keep_embeddings_a
 from lorafit.model.module import CausalLMModule
 
 
-def _qlora_module(overrides: list[str]) -> CausalLMModule:
+def _qlora_module(overrides: list[str], device: str = "cpu") -> CausalLMModule:
     cfg = compose_config(
         [*TINY, "adapter=qlora", "model.dtype=bfloat16", "model.gradient_checkpointing=true"]
         + overrides
     )
     torch.manual_seed(0)
-    module = CausalLMModule(model=cfg.model, adapter=cfg.adapter, optimizer={}, scheduler={})
+    module = CausalLMModule(
+        model=cfg.model, adapter=cfg.adapter, optimizer={}, scheduler={}, load_device=device
+    )
     module.configure_model()
+    module.to(device)
     for name, p in module.named_parameters():
         if "lora_B" in name:  # a non-zero adapter, so its gradients carry the whole path
-            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(2))
+            generator = torch.Generator(p.device).manual_seed(2)
+            torch.nn.init.normal_(p, std=0.05, generator=generator)
     module.train()
     return module
 
@@ -35,28 +39,30 @@ def _as_peft_made_them(module: CausalLMModule) -> None:
         layer.weight.data = layer.weight.data.float()
 
 
-def _batch() -> dict[str, torch.Tensor]:
+def _batch(device: torch.device) -> dict[str, torch.Tensor]:
     ids = torch.randint(3, 1000, (1, 48), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[:, :10] = -100
     positions = torch.cat([torch.arange(20), torch.arange(28)]).unsqueeze(0)  # two examples
-    return {"input_ids": ids, "position_ids": positions, "labels": labels}
+    batch = {"input_ids": ids, "position_ids": positions, "labels": labels}
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 def _loss_and_grads(module: CausalLMModule, autocast: bool):
+    device = next(module.parameters()).device
     torch.manual_seed(3)  # the same dropout masks for both
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        total, count = module._loss_sum(_batch())
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        total, count = module._loss_sum(_batch(device))
     total.backward()
     grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
     return total.detach(), grads
 
 
-@pytest.mark.parametrize("autocast", [True, False], ids=["bf16-autocast", "fp32"])
-@pytest.mark.parametrize("chunk", [16, None], ids=["fused-loss", "plain-loss"])
-def test_the_kept_embedding_and_output_layer_compute_as_fp32_copies(autocast, chunk):
+def _compare(autocast: bool, chunk: int | None, device: str = "cpu") -> None:
     overrides = [f"model.loss_chunk_size={chunk if chunk else 'null'}"]
-    kept, reference = _qlora_module(overrides), _qlora_module(overrides)
+    if device == "cuda":  # flash attention's backward may add in any order: not bit for bit
+        overrides.append("model.attn_implementation=eager")
+    kept, reference = _qlora_module(overrides, device), _qlora_module(overrides, device)
     causal_lm = kept.model.get_base_model()
     embedding, head = causal_lm.get_input_embeddings(), causal_lm.get_output_embeddings()
     # Half the bytes: the loaded bf16 values themselves, not an fp32 copy of them.
@@ -74,6 +80,20 @@ def test_the_kept_embedding_and_output_layer_compute_as_fp32_copies(autocast, ch
     assert grads.keys() == expected_grads.keys() and len(grads) == 2 * 7 * 2
     for name, grad in grads.items():
         assert torch.equal(grad, expected_grads[name]), name
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["bf16-autocast", "fp32"])
+@pytest.mark.parametrize("chunk", [16, None], ids=["fused-loss", "plain-loss"])
+def test_the_kept_embedding_and_output_layer_compute_as_fp32_copies(autocast, chunk):
+    _compare(autocast, chunk)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("chunk", [16, None], ids=["fused-loss", "plain-loss"])
+def test_on_a_gpu_the_kept_embedding_and_output_layer_compute_as_fp32_copies(chunk):
+    # cuBLAS, bitsandbytes' CUDA kernels and the varlen attention, under bf16 autocast.
+    _compare(True, chunk, "cuda")
 
 
 def test_without_quantization_or_with_the_bf16_stream_nothing_changes():
