@@ -72,6 +72,9 @@ class _LoraBranch(torch.autograd.Function):
         if needs_b:
             grad_b = grad_b_out.t().mm(hidden).to(ctx.weight_dtypes[1])
         grad_hidden = grad_b_out.mm(b_cast)
+        # Freed before lora_A's gradients, the backward's peak (for down_proj: its input-wide
+        # mask, product and casts), as autograd frees them between peft's separate nodes.
+        del grad_out, grad_b_out
         # lora_A with its dropout: its gradients as lora_dropout.py computes them.
         grad_x, grad_a = dropout_linear_grads(
             grad_hidden, x, keep, a_cast, ctx.scale, ctx.compute_dtype, (needs_x, needs_a)
