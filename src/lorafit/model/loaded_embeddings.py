@@ -46,7 +46,7 @@ def _widen(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor
 def _qualifies(layer: nn.Module | None, kind: type, loaded: dict[int, torch.dtype]) -> bool:
     if type(layer) is not kind:
         return False
-    weights = [p for p in layer.parameters(recurse=False)]
+    weights = layer.parameters(recurse=False)
     return all(loaded.get(id(p)) in HALF and p.dtype == torch.float32 for p in weights)
 
 
