@@ -9,12 +9,13 @@ versions, which the out-of-place add after it makes needless. A decoder layer ha
 layers, run three times a step with gradient checkpointing (forward, recomputation, backward),
 and at 2048 tokens a row a GPU waits on the host that dispatches them (docs/benchmarks.md).
 
-Here the branch (dropout, lora_A, lora_B, scale) is one autograd function whose forward and
-backward make the very operations autograd makes for peft's path, in the same order, dtypes
-and layouts, so losses and gradients are bit for bit peft's (`tests/model/test_lora_branch.py`),
-with the dropout mask drawn as `nn.Dropout` draws it and kept as one byte a value
-(`lora_dropout.py`). Layers in any other state (eval, merged, adapters disabled, several active
-adapters, a variant such as DoRA, extra arguments) take peft's own forward.
+Here the branch (dropout, lora_A, lora_B, scale) and its add to the base output are one
+autograd function whose forward and backward make the very operations autograd makes for
+peft's path, in the same order, dtypes and layouts, so losses and gradients are bit for bit
+peft's (`tests/model/test_lora_branch.py`), with the dropout mask drawn as `nn.Dropout` draws
+it and kept as one byte a value (`lora_dropout.py`). Layers in any other state (eval, merged,
+adapters disabled, several active adapters, a variant such as DoRA, extra arguments) take
+peft's own forward.
 """
 
 from __future__ import annotations
@@ -41,10 +42,14 @@ def _matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 class _LoraBranch(torch.autograd.Function):
-    """lora_B(lora_A(dropout(x))) * scaling, with lora_A, lora_B the adapter's weights."""
+    """base + lora_B(lora_A(dropout(x))) * scaling, with lora_A, lora_B the adapter's weights
+    and base the base layer's output. The add is inside so that backward holds the branch's
+    own gradient only as long as it needs it: autograd keeps a function's incoming gradient
+    for the whole call, and at the step's peak (`down_proj`'s lora_A gradients) peft's path
+    had already freed it."""
 
     @staticmethod
-    def forward(ctx, x, weight_a, weight_b, p, scale, scaling):  # noqa: ANN001, ANN205
+    def forward(ctx, x, base, weight_a, weight_b, p, scale, scaling):  # noqa: ANN001, ANN205
         dtype = _matmul_dtype(x, weight_a)
         compute = matmul_input(x, weight_a)  # x as is under autocast (lora_dropout.py)
         if p > 0:
@@ -60,13 +65,21 @@ class _LoraBranch(torch.autograd.Function):
         ctx.scale, ctx.scaling = scale, scaling
         ctx.compute_dtype = compute.dtype
         ctx.weight_dtypes = (weight_a.dtype, weight_b.dtype)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        ctx.branch_dtype = out.dtype
+        branch = out.view(*x.shape[:-1], out.shape[-1])
+        # peft casts the branch to the base output's dtype where no autocast runs; under
+        # autocast the add promotes it, which gives the same numbers (bf16 to fp32 is exact).
+        if branch.dtype != base.dtype and not torch.is_autocast_enabled(x.device.type):
+            branch = branch.to(base.dtype)
+        return base + branch
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
         x, keep, a_cast, b_cast, hidden = ctx.saved_tensors
-        needs_x, needs_a, needs_b = ctx.needs_input_grad[:3]
-        # The product by scaling, then lora_B's product as autograd's MmBackward makes it.
+        needs_x, needs_base, needs_a, needs_b = ctx.needs_input_grad[:4]
+        # The branch's gradient in its dtype (what autograd gives a bf16 branch of an fp32
+        # sum), the product by scaling, then lora_B's product as autograd's MmBackward makes it.
+        grad_out = grad.to(ctx.branch_dtype)
         grad_b_out = grad_out.reshape(-1, grad_out.shape[-1]) * ctx.scaling
         grad_b = None
         if needs_b:
@@ -81,7 +94,7 @@ class _LoraBranch(torch.autograd.Function):
         )
         if grad_a is not None:
             grad_a = grad_a.to(ctx.weight_dtypes[0])
-        return grad_x, grad_a, grad_b, None, None, None
+        return grad_x, grad if needs_base else None, grad_a, grad_b, None, None, None
 
 
 def _plain_adapter(layer: nn.Module) -> str | None:
@@ -108,16 +121,16 @@ class FusedBranchLinear4bit(Linear4bit):
         name = _plain_adapter(self) if not args and not kwargs else None
         if name is None:
             return super().forward(x, *args, **kwargs)
-        result = self.base_layer(x)
-        lora_a = self.lora_A[name]
-        branch = _LoraBranch.apply(
-            x, lora_a.weight, self.lora_B[name].weight, lora_a.p, lora_a.scale(), self.scaling[name]
+        lora_a, weight_b = self.lora_A[name], self.lora_B[name].weight
+        return _LoraBranch.apply(
+            x,
+            self.base_layer(x),
+            lora_a.weight,
+            weight_b,
+            lora_a.p,
+            lora_a.scale(),
+            self.scaling[name],
         )
-        # peft casts the branch to the base output's dtype where no autocast runs; under
-        # autocast the add promotes it, which gives the same numbers (bf16 to fp32 is exact).
-        if branch.dtype != result.dtype and not torch.is_autocast_enabled(x.device.type):
-            branch = branch.to(result.dtype)
-        return result + branch
 
 
 def fuse_lora_branches(model: nn.Module) -> int:
