@@ -68,6 +68,8 @@ def _compare(autocast: bool, chunk: int | None, device: str = "cpu") -> None:
     # Half the bytes: the loaded bf16 values themselves, not an fp32 copy of them.
     assert embedding.weight.dtype == head.weight.dtype == torch.bfloat16
     assert isinstance(head, LoadedDtypeLinear)
+    # The fused loss can still stand in for the kept output layer.
+    assert kept._output_layer() is not None
     norms = [p for n, p in causal_lm.named_parameters() if "norm" in n]
     assert norms and {p.dtype for p in norms} == {torch.float32}  # the norms stay peft's fp32
     _as_peft_made_them(reference)
