@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lorafit.constants import IGNORE_INDEX
+from lorafit.model.loaded_embeddings import as_multiplied
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -78,10 +79,7 @@ def linear_cross_entropy_sum(
     `hidden` is [batch, tokens, hidden], `weight` the output layer's [vocab, hidden], `labels`
     [batch, tokens] with IGNORE_INDEX where nothing is learned.
     """
-    if weight.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
-        # A half output layer below an fp32 model (loaded_embeddings.py): widened for the
-        # call, as its forward does.
-        weight = weight.to(hidden.dtype)
+    weight = as_multiplied(weight, hidden)  # a kept half output layer (loaded_embeddings.py)
     scored = labelled_positions(labels)
     chosen = hidden[:, :-1][scored]
     targets = labels[:, 1:][scored]

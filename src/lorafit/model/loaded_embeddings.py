@@ -27,16 +27,21 @@ from torch import nn
 HALF = (torch.float16, torch.bfloat16)
 
 
+def as_multiplied(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A kept half weight as a product with x takes it: as it is under autocast (which casts
+    both), else widened to x's dtype for the call, as an fp32 copy would have been."""
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        return weight.to(x.dtype)
+    return weight
+
+
 class LoadedDtypeLinear(nn.Linear):
     """An output layer whose weight stays in a half dtype below an fp32 model; the class the
     output layer is switched to (same state, same state dict)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight, self.bias
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            weight = weight.to(x.dtype)
-            bias = None if bias is None else bias.to(x.dtype)
-        return F.linear(x, weight, bias)
+        bias = None if self.bias is None else as_multiplied(self.bias, x)
+        return F.linear(x, as_multiplied(self.weight, x), bias)
 
 
 def _widen(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
