@@ -94,7 +94,7 @@ def test_the_kept_embedding_and_output_layer_compute_as_fp32_copies(autocast, ch
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("chunk", [16, None], ids=["fused-loss", "plain-loss"])
 def test_on_a_gpu_the_kept_embedding_and_output_layer_compute_as_fp32_copies(chunk):
-    # cuBLAS, bitsandbytes' CUDA kernels and the varlen attention, under bf16 autocast.
+    # cuBLAS and bitsandbytes' CUDA kernels under bf16 autocast (the attention eager there).
     _compare(True, chunk, "cuda")
 
 
