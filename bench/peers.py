@@ -83,6 +83,8 @@ LEVERS = {
     "bf16-stream": ["adapter.upcast_unquantized=false"],
     # 4-bit projections return bf16 as nn.Linear does under autocast; the stream stays fp32
     "autocast-outputs": ["adapter.autocast_outputs=true"],
+    # peft's bf16 add of the LoRA update to o_proj's bf16 output (the default adds in fp32)
+    "bf16-add": ["adapter.fp32_lora_add=false"],
     "compile": ["model.compile=true"],  # torch.compile of each layer but its attention core
     # Layer inputs kept for backward in pinned host memory (a no-op on a CPU)
     "offload": ["model.offload_activations=true"],

@@ -194,6 +194,7 @@ SWITCHES = (
     "adapter.fan_in_fan_out",
     "adapter.upcast_unquantized",
     "adapter.autocast_outputs",
+    "adapter.fp32_lora_add",
     "validate_before_training",
     "resume_force",
     "eval.do_sample",

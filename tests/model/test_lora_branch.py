@@ -1,6 +1,7 @@
 """The LoRA branch of 4-bit layers as one autograd function gives peft's losses and gradients
 bit for bit (fp32, bf16 autocast, fp32 or bf16 activations, with and without dropout, under
-checkpointing), dispatches fewer operators, and leaves other states to peft's forward."""
+checkpointing), dispatches fewer operators, and leaves other states to peft's forward. With
+`adapter.fp32_lora_add` a bf16 base output takes the update in fp32, in training and eval."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from helpers import CountOps, four_bit_linear
-from lorafit.model.lora_branch import FusedBranchLinear4bit, fuse_lora_branches
+from helpers import CountOps, four_bit_linear, packed_test_module
+from lorafit.model.lora_branch import (
+    FusedBranchLinear4bit,
+    add_updates_in_fp32,
+    fuse_lora_branches,
+)
 from lorafit.model.lora_dropout import fuse_lora_dropout
 
 
@@ -114,3 +119,87 @@ def test_other_states_take_peft_s_forward():
     assert torch.equal(layer.eval()(x), expected)
     with model.disable_adapter():
         assert torch.equal(layer.train()(x), layer.base_layer(x))
+
+
+def _added_in_fp32(layer, x):
+    """A 4-bit LoRA layer of the unfused peft model, its update added in fp32 by autograd."""
+    name = "default"
+    lora_a = layer.lora_A[name]
+    dropped = layer.lora_dropout[name](x.to(lora_a.weight.dtype))  # as peft casts
+    update = layer.lora_B[name](lora_a(dropped))
+    return layer.base_layer(x).float() + update * layer.scaling[name]
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_with_fp32_add_a_bf16_base_output_takes_the_update_in_fp32(p, checkpointed):
+    fused = _model(p, True, checkpointed)
+    assert add_updates_in_fp32(fused) == 2
+    reference = _model(p, False)
+    up, down = reference.base_model.model.up, reference.base_model.model.down
+
+    def block(x):  # Tiny.block, each layer's add in fp32
+        return _added_in_fp32(down, torch.relu(_added_in_fp32(up, x)))
+
+    x = torch.randn(2, 7, 64, dtype=torch.bfloat16, requires_grad=True)
+    lora = [p for p in reference.parameters() if p.requires_grad]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            out = block(x)
+            assert out.dtype == torch.float32  # up's bf16 input: widened; down's is fp32
+            loss = out.square().sum()
+            grads = torch.autograd.grad(loss, [x, *lora])
+            fused_loss, fused_grads = _run(fused, x, seed)
+            assert torch.equal(fused_loss, loss)
+            for grad, expected in zip(fused_grads, grads, strict=True):
+                assert grad.dtype == expected.dtype
+                assert torch.equal(grad, expected)
+        # eval: no dropout, the add in fp32 too
+        fused.eval(), reference.eval()
+        with torch.no_grad():
+            assert torch.equal(fused(x), block(x))
+
+
+def test_an_update_below_half_a_bf16_step_reaches_the_output_only_in_fp32():
+    model = _model(0.0, True)
+    layer = model.base_model.model.up
+    with torch.no_grad():
+        layer.lora_B["default"].weight.mul_(1e-4)  # the update ~1e-4 of the base output
+    x = torch.randn(64, 64, dtype=torch.bfloat16)
+    name = "default"
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        base = layer.base_layer(x).float()
+        update = (layer.lora_B[name](layer.lora_A[name](x)) * layer.scaling[name]).float()
+        bf16_sum = layer(x)
+        add_updates_in_fp32(model)
+        fp32_sum = layer(x)
+    assert (update != 0).float().mean() > 0.99
+    # in bf16 nearly every element rounds back to the base output: the update is lost
+    assert bf16_sum.dtype == torch.bfloat16
+    assert (bf16_sum.float() == base).float().mean() > 0.9
+    # in fp32 it arrives, off by no more than the sum's own fp32 rounding
+    assert fp32_sum.dtype == torch.float32
+    assert ((fp32_sum - base - update).abs() <= base.abs() * 2**-23).all()
+
+
+def _o_proj_dtype(*overrides: str) -> torch.dtype:
+    module = packed_test_module(overrides=("adapter=qlora", *overrides)).train()
+    layer = module.model.get_base_model().model.layers[0].self_attn.o_proj
+    seen = []
+    hook = layer.register_forward_hook(lambda m, a, out: seen.append((a[0].dtype, out.dtype)))
+    ids = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "position_ids": torch.arange(16)[None], "labels": ids}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module._loss_sum(batch)
+    hook.remove()
+    assert seen[0][0] == torch.bfloat16  # the attention's output
+    return seen[0][1]
+
+
+def test_the_option_widens_o_proj_on_the_fp32_stream_only():
+    assert _o_proj_dtype() == torch.float32  # the default
+    assert _o_proj_dtype("adapter.fp32_lora_add=false") == torch.bfloat16  # peft's
+    # bf16 by choice: the option leaves these layers alone
+    assert _o_proj_dtype("adapter.autocast_outputs=true") == torch.bfloat16
+    assert _o_proj_dtype("adapter.upcast_unquantized=false") == torch.bfloat16

@@ -14,7 +14,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from lorafit.errors import ConfigError
 from lorafit.model.autocast_outputs import return_autocast_dtype
 from lorafit.model.loaded_embeddings import keep_embeddings_as_loaded
-from lorafit.model.lora_branch import fuse_lora_branches
+from lorafit.model.lora_branch import add_updates_in_fp32, fuse_lora_branches
 from lorafit.model.lora_dropout import fuse_lora_dropout
 
 # Peft's shorthand for "every nn.Linear but the output head": Axolotl's lora_target_linear.
@@ -84,6 +84,11 @@ class LoraAdapter:
         autocast_outputs: Over a 4-bit base, the quantized layers return autocast's dtype as
             nn.Linear does, not their input's: the work between projections runs in bf16
             while the residual stream stays fp32 (`lorafit/model/autocast_outputs.py`).
+        fp32_lora_add: Over a 4-bit base under autocast with the fp32 stream, a layer whose
+            base output is bf16 (its input was: o_proj after the attention) adds the LoRA
+            update to it in fp32 instead of bf16, which would round away updates smaller than
+            half a bf16 step of the output (`lorafit/model/lora_branch.py`). No effect with
+            autocast_outputs or without upcast_unquantized, whose layers return bf16 by choice.
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class LoraAdapter:
         lora_model_dir: str | None = None,
         upcast_unquantized: bool = True,
         autocast_outputs: bool = False,
+        fp32_lora_add: bool = True,
     ):
         if not target_linear and not target_modules:
             raise ConfigError("adapter.target_modules is empty and adapter.target_linear is false")
@@ -114,6 +120,7 @@ class LoraAdapter:
         self.lora_model_dir = lora_model_dir
         self.upcast_unquantized = upcast_unquantized
         self.autocast_outputs = autocast_outputs
+        self.fp32_lora_add = fp32_lora_add
 
     @property
     def bits(self) -> int | None:
@@ -145,6 +152,8 @@ class LoraAdapter:
         fuse_lora_branches(adapted)  # 4-bit layers: the same numbers in fewer operators
         if self.autocast_outputs and self.bits == 4:
             return_autocast_dtype(adapted)
+        elif self.fp32_lora_add and self.upcast_unquantized:
+            add_updates_in_fp32(adapted)  # updates below bf16's step still reach the stream
         return adapted
 
 

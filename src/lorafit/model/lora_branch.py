@@ -16,6 +16,13 @@ peft's (`tests/model/test_lora_branch.py`), with the dropout mask drawn as `nn.D
 it and kept as one byte a value (`lora_dropout.py`). Layers in any other state (eval, merged,
 adapters disabled, several active adapters, a variant such as DoRA, extra arguments) take
 peft's own forward.
+
+`adapter.fp32_lora_add` (`widen`): under autocast a 4-bit layer whose input is bf16 (with
+peft's fp32 stream, `o_proj` after the attention) gets a bf16 base output, and peft adds the
+update to it in bf16, which rounds away any update smaller than half a bf16 step of the base
+output: a fresh or slowly moving adapter's change to the residual stream is partly lost in
+forward while backward trains as if it arrived. With the option the add is made in fp32 and
+the layer returns fp32, as the layers with fp32 inputs already do; in training and in eval.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from lorafit.model.lora_dropout import (
     mask_in,
     matmul_input,
 )
+
+HALF = (torch.bfloat16, torch.float16)
 
 
 def _matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -49,7 +58,7 @@ class _LoraBranch(torch.autograd.Function):
     had already freed it."""
 
     @staticmethod
-    def forward(ctx, x, base, weight_a, weight_b, p, scale, scaling):  # noqa: ANN001, ANN205
+    def forward(ctx, x, base, weight_a, weight_b, p, scale, scaling, widen):  # noqa: ANN001, ANN205
         dtype = _matmul_dtype(x, weight_a)
         compute = matmul_input(x, weight_a)  # x as is under autocast (lora_dropout.py)
         if p > 0:
@@ -71,6 +80,9 @@ class _LoraBranch(torch.autograd.Function):
         # autocast the add promotes it, which gives the same numbers (bf16 to fp32 is exact).
         if branch.dtype != base.dtype and not torch.is_autocast_enabled(x.device.type):
             branch = branch.to(base.dtype)
+        ctx.base_dtype = base.dtype
+        if widen and base.dtype in HALF:
+            base = base.float()  # the sum in fp32 (`adapter.fp32_lora_add`, module docstring)
         return base + branch
 
     @staticmethod
@@ -80,6 +92,8 @@ class _LoraBranch(torch.autograd.Function):
         # The branch's gradient in its dtype (what autograd gives a bf16 branch of an fp32
         # sum), the product by scaling, then lora_B's product as autograd's MmBackward makes it.
         grad_out = grad.to(ctx.branch_dtype)
+        # A widened half base output takes the same cast of the fp32 gradient: made once.
+        grad_base = grad_out if ctx.base_dtype == grad_out.dtype else grad.to(ctx.base_dtype)
         grad_b_out = grad_out.reshape(-1, grad_out.shape[-1]) * ctx.scaling
         grad_b = None
         if needs_b:
@@ -94,12 +108,12 @@ class _LoraBranch(torch.autograd.Function):
         )
         if grad_a is not None:
             grad_a = grad_a.to(ctx.weight_dtypes[0])
-        return grad_x, grad if needs_base else None, grad_a, grad_b, None, None, None
+        return grad_x, grad_base if needs_base else None, grad_a, grad_b, None, None, None, None
 
 
 def _plain_adapter(layer: nn.Module) -> str | None:
-    """The one adapter a plain LoRA step runs on this layer, if it is in that state."""
-    if not layer.training or layer.disable_adapters or layer.merged:
+    """The one adapter a plain LoRA forward runs on this layer, if it is in that state."""
+    if layer.disable_adapters or layer.merged:
         return None
     active = [name for name in layer.active_adapters if name in layer.lora_A]
     if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):
@@ -117,19 +131,29 @@ class FusedBranchLinear4bit(Linear4bit):
     """peft's 4-bit LoRA layer with its training branch as one autograd function; the class
     its layers are switched to (same state, same state dict)."""
 
+    fp32_add = False  # `adapter.fp32_lora_add`, set by `add_updates_in_fp32`
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = _plain_adapter(self) if not args and not kwargs else None
-        if name is None:
+        widen = self.fp32_add and torch.is_autocast_enabled(x.device.type)
+        if name is None or not (self.training or widen):
             return super().forward(x, *args, **kwargs)
-        lora_a, weight_b = self.lora_A[name], self.lora_B[name].weight
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        if not self.training:
+            # peft's eval forward (no dropout; autocast casts for the adapter's matmuls) with
+            # the add in fp32, as in training.
+            base = self.base_layer(x)
+            base = base.float() if base.dtype in HALF else base
+            return base + lora_b(lora_a(x)) * self.scaling[name]
         return _LoraBranch.apply(
             x,
             self.base_layer(x),
             lora_a.weight,
-            weight_b,
+            lora_b.weight,
             lora_a.p,
             lora_a.scale(),
             self.scaling[name],
+            widen,
         )
 
 
@@ -141,3 +165,12 @@ def fuse_lora_branches(model: nn.Module) -> int:
             module.__class__ = FusedBranchLinear4bit
             fused += 1
     return fused
+
+
+def add_updates_in_fp32(model: nn.Module) -> int:
+    """`adapter.fp32_lora_add`: the fused 4-bit layers add their update to a half base output
+    in fp32 under autocast (module docstring); returns how many layers."""
+    layers = [m for m in model.modules() if isinstance(m, FusedBranchLinear4bit)]
+    for layer in layers:
+        layer.fp32_add = True
+    return len(layers)
