@@ -13,9 +13,9 @@ Here the branch (dropout, lora_A, lora_B, scale) and its add to the base output 
 autograd function whose forward and backward make the very operations autograd makes for
 peft's path, in the same order, dtypes and layouts, so losses and gradients are bit for bit
 peft's (`tests/model/test_lora_branch.py`), with the dropout mask drawn as `nn.Dropout` draws
-it and kept as one byte a value (`lora_dropout.py`). Layers in any other state (eval, merged,
-adapters disabled, several active adapters, a variant such as DoRA, extra arguments) take
-peft's own forward.
+it and kept as one byte a value (`lora_dropout.py`). Layers in any other state (eval, but
+for the fp32 add below; merged, adapters disabled, several active adapters, a variant such as
+DoRA, extra arguments) take peft's own forward.
 
 `adapter.fp32_lora_add` (`widen`): under autocast a 4-bit layer whose input is bf16 (with
 peft's fp32 stream, `o_proj` after the attention) gets a bf16 base output, and peft adds the
