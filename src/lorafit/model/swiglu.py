@@ -1,0 +1,75 @@
+"""The MLP's SwiGLU product, `silu(gate) * up`, as one autograd function that keeps only its
+two inputs for backward.
+
+transformers' MLP (Llama, Mistral, Qwen2 and their kin) computes `down(silu(gate(x)) * up(x))`.
+Autograd keeps `gate` for silu's backward and `silu(gate)` and `up` for the product's: three
+MLP-wide tensors a layer, fp32 under peft's recipe (14,336 values a token for Mistral-7B,
+448 MiB each at 8192 tokens). They are alive when `down_proj`'s backward runs, the step's
+memory peak (docs/benchmarks.md), so the one that can be recomputed for the cost of a silu is:
+here backward makes `silu(gate)` again. The gradients are made with the very operators
+autograd uses (`silu_backward`, the two products), so losses and gradients are bit for bit the
+same (`tests/model/test_swiglu.py`). Always on; MLPs whose forward was replaced on the instance
+(Liger's SwiGLU) or whose activation is not SiLU keep theirs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import SiLUActivation
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        gate, up = ctx.saved_tensors
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[0]:
+            # MulBackward's gradient for silu(gate), then SiluBackward's; freed before the
+            # activation is remade, so the three are never alive together.
+            grad_act = (grad * up).to(gate.dtype)
+            grad_gate = torch.ops.aten.silu_backward(grad_act, gate)
+            del grad_act
+        if ctx.needs_input_grad[1]:
+            grad_up = (grad * F.silu(gate)).to(up.dtype)
+        return grad_gate, grad_up
+
+
+def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # The order of the calls is the original's: gate's LoRA dropout mask is drawn before up's.
+    gate = self.gate_proj(x)
+    return self.down_proj(_SwiGLU.apply(gate, self.up_proj(x)))
+
+
+_SWAPPED: dict[type, type] = {}
+SILU = (nn.SiLU, SiLUActivation)  # what transformers' "silu" and "swish" build
+
+
+def _is_plain_swiglu(module: nn.Module) -> bool:
+    return (
+        all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj"))
+        and type(getattr(module, "act_fn", None)) in SILU
+        and "forward" not in vars(module)  # Liger's, set on the instance
+        and type(module).__module__.startswith("transformers.models.")
+        and type(module).__name__.endswith("MLP")
+    )
+
+
+def fuse_swiglu(model: nn.Module) -> int:
+    """Switch each transformers SwiGLU MLP to the same class with `_SwiGLU` for its product
+    (same state, same state dict); returns how many."""
+    fused = 0
+    for module in model.modules():
+        if _is_plain_swiglu(module):
+            cls = type(module)
+            if cls not in _SWAPPED:
+                _SWAPPED[cls] = type(cls.__name__, (cls,), {"forward": _forward})
+            module.__class__ = _SWAPPED[cls]
+            fused += 1
+    return fused
