@@ -96,5 +96,14 @@ def test_mlps_it_does_not_know_are_left_alone():
     gelu.act_fn = nn.GELU()
     liger_like = _mlp()
     liger_like.forward = lambda x: x  # a forward replaced on the instance
-    assert fuse_swiglu(nn.ModuleList([gelu, liger_like])) == 0
+
+    class OtherMLP(MistralMLP):  # another forward over the same layers
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
+
+    other = _mlp()
+    other.__class__ = OtherMLP
+    OtherMLP.__module__ = MistralMLP.__module__
+    assert fuse_swiglu(nn.ModuleList([gelu, liger_like, other])) == 0
     assert type(gelu) is MistralMLP and type(liger_like) is MistralMLP
+    assert type(other) is OtherMLP

@@ -14,6 +14,9 @@ same (`tests/model/test_swiglu.py`). Always on; MLPs whose forward was replaced 
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,13 +54,24 @@ _SWAPPED: dict[type, type] = {}
 SILU = (nn.SiLU, SiLUActivation)  # what transformers' "silu" and "swish" build
 
 
+# The one line of the MLPs replaced: any other forward is left as it is.
+PLAIN = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
+
+
+@functools.cache
+def _computes_plain_swiglu(cls: type) -> bool:
+    try:
+        return PLAIN in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
 def _is_plain_swiglu(module: nn.Module) -> bool:
     return (
-        all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj"))
+        type(module).__module__.startswith("transformers.models.")
         and type(getattr(module, "act_fn", None)) in SILU
         and "forward" not in vars(module)  # Liger's, set on the instance
-        and type(module).__module__.startswith("transformers.models.")
-        and type(module).__name__.endswith("MLP")
+        and _computes_plain_swiglu(type(module))
     )
 
 
