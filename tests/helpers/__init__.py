@@ -110,3 +110,12 @@ def four_bit_linear(n_in: int, n_out: int, device: str = "cpu"):
     params = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
     layer.weight = params._quantize(device)
     return layer
+
+
+def assert_bitwise_equal(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    """Each tensor equal to its counterpart to the last bit, dtype included (losses and
+    gradients of a rewritten path against the path it replaces)."""
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected, strict=True):
+        assert got.dtype == want.dtype
+        assert torch.equal(got, want)

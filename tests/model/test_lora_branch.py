@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from helpers import CountOps, four_bit_linear, packed_test_module
+from helpers import CountOps, assert_bitwise_equal, four_bit_linear, packed_test_module
 from lorafit.model.lora_branch import (
     FusedBranchLinear4bit,
     add_updates_in_fp32,
@@ -68,10 +68,7 @@ def _compare(autocast, activations, p, checkpointed, device="cpu"):
         for seed in (1, 2):
             loss, grads = _run(peft_model, x, seed)
             fused_loss, fused_grads = _run(fused, x, seed)
-            assert torch.equal(fused_loss, loss)
-            for grad, expected in zip(fused_grads, grads, strict=True):
-                assert grad.dtype == expected.dtype
-                assert torch.equal(grad, expected)
+            assert_bitwise_equal([fused_loss, *fused_grads], [loss, *grads])
     if p:  # other seeds draw other masks: dropout applies
         assert not torch.equal(_run(fused, x, 1)[0], _run(fused, x, 2)[0])
 
@@ -151,10 +148,7 @@ def test_with_fp32_add_a_bf16_base_output_takes_the_update_in_fp32(p, checkpoint
             loss = out.square().sum()
             grads = torch.autograd.grad(loss, [x, *lora])
             fused_loss, fused_grads = _run(fused, x, seed)
-            assert torch.equal(fused_loss, loss)
-            for grad, expected in zip(fused_grads, grads, strict=True):
-                assert grad.dtype == expected.dtype
-                assert torch.equal(grad, expected)
+            assert_bitwise_equal([fused_loss, *fused_grads], [loss, *grads])
         # eval: no dropout, the add in fp32 too
         fused.eval(), reference.eval()
         with torch.no_grad():

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import MistralConfig
 from transformers.models.mistral.modeling_mistral import MistralMLP
 
-from helpers import packed_test_module
+from helpers import assert_bitwise_equal, packed_test_module
 from lorafit.model.swiglu import fuse_swiglu
 
 
@@ -37,10 +37,7 @@ def test_the_fused_product_gives_the_same_loss_and_gradients(autocast, dtype):
     x = torch.randn(2, 5, 32, dtype=dtype, requires_grad=True)
     loss, grads = _grads(plain, x, autocast)
     fused_loss, fused_grads = _grads(fused, x, autocast)
-    assert torch.equal(fused_loss, loss)
-    for grad, expected in zip(fused_grads, grads, strict=True):
-        assert grad.dtype == expected.dtype
-        assert torch.equal(grad, expected)
+    assert_bitwise_equal([fused_loss, *fused_grads], [loss, *grads])
 
 
 def _kept_values(mlp, x) -> int:
@@ -86,9 +83,7 @@ def test_the_lora_model_trains_the_same_with_and_without_it():
 
     loss, grads = run(False)
     fused_loss, fused_grads = run(True)
-    assert torch.equal(fused_loss, loss)
-    for grad, expected in zip(fused_grads, grads, strict=True):
-        assert torch.equal(grad, expected)
+    assert_bitwise_equal([fused_loss, *fused_grads], [loss, *grads])
 
 
 def test_mlps_it_does_not_know_are_left_alone():
