@@ -139,7 +139,7 @@ def test_with_fp32_add_a_bf16_base_output_takes_the_update_in_fp32(p, checkpoint
         return _added_in_fp32(down, torch.relu(_added_in_fp32(up, x)))
 
     x = torch.randn(2, 7, 64, dtype=torch.bfloat16, requires_grad=True)
-    lora = [p for p in reference.parameters() if p.requires_grad]
+    lora = [w for w in reference.parameters() if w.requires_grad]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for seed in (1, 2):
             torch.manual_seed(seed)

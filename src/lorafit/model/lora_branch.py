@@ -31,6 +31,7 @@ import torch
 from peft.tuners.lora.bnb import Linear4bit
 from torch import nn
 
+from lorafit.model.loaded_embeddings import HALF
 from lorafit.model.lora_dropout import (
     DropoutLinear,
     drop_into,
@@ -39,7 +40,10 @@ from lorafit.model.lora_dropout import (
     matmul_input,
 )
 
-HALF = (torch.bfloat16, torch.float16)
+
+def _widened(base: torch.Tensor) -> torch.Tensor:
+    """A half base output in fp32, for the add of `adapter.fp32_lora_add` (module docstring)."""
+    return base.float() if base.dtype in HALF else base
 
 
 def _matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -81,9 +85,7 @@ class _LoraBranch(torch.autograd.Function):
         if branch.dtype != base.dtype and not torch.is_autocast_enabled(x.device.type):
             branch = branch.to(base.dtype)
         ctx.base_dtype = base.dtype
-        if widen and base.dtype in HALF:
-            base = base.float()  # the sum in fp32 (`adapter.fp32_lora_add`, module docstring)
-        return base + branch
+        return (_widened(base) if widen else base) + branch
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
@@ -142,9 +144,7 @@ class FusedBranchLinear4bit(Linear4bit):
         if not self.training:
             # peft's eval forward (no dropout; autocast casts for the adapter's matmuls) with
             # the add in fp32, as in training.
-            base = self.base_layer(x)
-            base = base.float() if base.dtype in HALF else base
-            return base + lora_b(lora_a(x)) * self.scaling[name]
+            return _widened(self.base_layer(x)) + lora_b(lora_a(x)) * self.scaling[name]
         return _LoraBranch.apply(
             x,
             self.base_layer(x),
