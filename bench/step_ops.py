@@ -77,7 +77,7 @@ def kind_of(module: torch.nn.Module) -> str | None:
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts dispatched aten operators by (phase, kind, operator)."""
+    """Counts dispatched aten operators by (phase, kind, operator, whether it launches)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -133,8 +133,20 @@ class OpCounter(TorchDispatchMode):
             phase, kind = "backward", self._nodes.get(id(node), (None, "outside the layers"))[1]
         else:
             phase, kind = "forward", "outside the layers"
-        self.counts[(phase, kind, func.overloadpacket.__name__)] += 1
+        self.counts[(phase, kind, func.overloadpacket.__name__, launches(func))] += 1
         return func(*args, **(kwargs or {}))
+
+
+NO_DATA = {"empty", "empty_strided", "new_empty", "empty_like"}
+
+
+def launches(func) -> bool:
+    """Whether an operator reads or writes tensor data (on a GPU, launches a kernel): not a
+    view (its schema returns an alias it does not write) nor a bare allocation."""
+    if func.overloadpacket.__name__ in NO_DATA:
+        return False
+    returns = func._schema.returns
+    return not any(r.alias_info is not None and not r.alias_info.is_write for r in returns)
 
 
 def _tensors(value) -> list[torch.Tensor]:
@@ -187,18 +199,21 @@ def project(one: collections.Counter, two: collections.Counter, depth: int) -> c
 def table(counts: collections.Counter, layer: collections.Counter, depth: int) -> str:
     """Per kind: one layer's operators in each phase, and the whole projected step's."""
 
-    def total(counter: collections.Counter, phase: str | None, kind: str | None) -> int:
+    def total(counter, phase: str | None, kind: str | None, data_only: bool = False) -> int:
         return sum(
-            n for (p, k, _), n in counter.items() if phase in (None, p) and kind in (None, k)
+            n
+            for (p, k, _, moves), n in counter.items()
+            if phase in (None, p) and kind in (None, k) and (moves or not data_only)
         )
 
     lines = [
-        f"| kind | a layer: {' | '.join(PHASES)} | {depth} layers: a step |",
-        "| --- | --- | --- | --- | --- |",
+        f"| kind | a layer: {' | '.join(PHASES)} | {depth} layers: a step | of which launch |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for kind in [*KINDS, None]:
         phases = " | ".join(str(total(layer, phase, kind)) for phase in PHASES)
-        lines.append(f"| {kind or 'all'} | {phases} | {total(counts, None, kind):,} |")
+        step, data = total(counts, None, kind), total(counts, None, kind, data_only=True)
+        lines.append(f"| {kind or 'all'} | {phases} | {step:,} | {data:,} |")
     return "\n".join(lines)
 
 
@@ -217,7 +232,7 @@ def main() -> None:
     print(table(project(one, two, depth), layer, depth))
     if args.top:
         ops = collections.Counter()
-        for (_, kind, op), n in layer.items():
+        for (_, kind, op, _), n in layer.items():
             ops[(kind, op)] += n
         print(f"\na layer's {args.top} commonest operators (forward, recomputation, backward):")
         for (kind, op), n in ops.most_common(args.top):

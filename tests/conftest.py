@@ -60,3 +60,14 @@ def shared_alpaca() -> Path:
     if not path.is_file():
         pytest.skip("../shared/data/alpaca_en_demo.json is not present")
     return path
+
+
+@pytest.fixture(params=["cpu form", "gpu form"])
+def dropout_forms(request, monkeypatch):
+    """Runs a test with LoRA dropout's CPU form and again with the two-pass form it takes on a
+    GPU (`lora_dropout.dropped_as`), so the GPU's form is checked on every run."""
+    from lorafit.model import lora_dropout
+
+    if request.param == "gpu form":
+        monkeypatch.setattr(lora_dropout, "FOUR_PASS_DEVICES", frozenset())
+    return request.param

@@ -69,24 +69,35 @@ def test_each_operator_is_counted_once_under_its_module() -> None:
     assert sum(counter.counts.values()) == everything.n  # nothing lost, nothing twice
     assert counter._stack == []  # the stopped recomputation unwound
     by = collections.Counter()
-    for (phase, kind, _), n in counter.counts.items():
+    ops = collections.Counter()
+    for (phase, kind, op, _), n in counter.counts.items():
         by[(phase, kind)] += n
+        ops[(phase, kind, op)] += n
     # The norm: one product forward and once more recomputed; in backward its MulBackward
     # node gives the input's and the weight's gradients.
-    norm = {k: v for k, v in counter.counts.items() if k[1] == "norm"}
+    norm = {k: v for k, v in ops.items() if k[1] == "norm"}
     assert norm[("forward", "norm", "mul")] == 1
     assert norm[("recomputation", "norm", "mul")] == 1
     assert by[("backward", "norm")] >= 2
     # The LoRA projection: its base and adapter matmuls in each pass, and its gradients.
     assert by[("forward", "LoRA projection")] > 0
     assert by[("recomputation", "LoRA projection")] > 0
-    assert counter.counts[("backward", "LoRA projection", "mm")] >= 3  # x, lora_A, lora_B
+    assert ops[("backward", "LoRA projection", "mm")] >= 3  # x, lora_A, lora_B
     # The MLP's own product and add, found in backward past the projection's nodes.
-    assert counter.counts[("forward", "MLP", "mul")] == 1
-    assert counter.counts[("backward", "MLP", "mul")] >= 1
+    assert ops[("forward", "MLP", "mul")] == 1
+    assert ops[("backward", "MLP", "mul")] >= 1
     # What no module owns: the loss's sum and its gradient seed.
     assert by[("forward", "outside the layers")] == 2
     assert by[("backward", "outside the layers")] >= 1  # the sum's backward
+
+
+def test_views_and_allocations_are_told_from_operators_that_move_data() -> None:
+    aten = torch.ops.aten
+    for op in (aten.view.default, aten.t.default, aten.detach.default, aten.view.dtype):
+        assert not step_ops.launches(op)
+    assert not step_ops.launches(aten.empty.memory_format)
+    for op in (aten.mul_.Tensor, aten.mul.out, aten._to_copy.default, aten.mm.default):
+        assert step_ops.launches(op)
 
 
 def test_one_layer_s_count_projects_linearly() -> None:

@@ -19,6 +19,9 @@ from lorafit.model.lora_branch import (
 )
 from lorafit.model.lora_dropout import fuse_lora_dropout
 
+# Each test with dropout's CPU form and its GPU form (conftest.py).
+pytestmark = pytest.mark.usefixtures("dropout_forms")
+
 
 class Tiny(nn.Module):
     is_loaded_in_4bit = True  # what peft reads to wrap bitsandbytes' layers
@@ -38,11 +41,13 @@ class Tiny(nn.Module):
         )
 
 
-def _model(p: float, fused: bool, checkpointed: bool = False, device: str = "cpu") -> nn.Module:
+def _model(
+    p: float, fused: bool, checkpointed: bool = False, device: str = "cpu", alpha: int = 16
+) -> nn.Module:
     torch.manual_seed(0)
     model = get_peft_model(
         Tiny(checkpointed, device),
-        LoraConfig(r=8, lora_alpha=16, lora_dropout=p, target_modules=["up", "down"]),
+        LoraConfig(r=8, lora_alpha=alpha, lora_dropout=p, target_modules=["up", "down"]),
     )
     for name, param in model.named_parameters():
         if "lora_B" in name:  # peft starts lora_B at zero: no gradient would reach lora_A
@@ -60,9 +65,9 @@ def _run(model, x, seed):
     return loss, torch.autograd.grad(loss, [x, *lora])
 
 
-def _compare(autocast, activations, p, checkpointed, device="cpu"):
-    peft_model = _model(p, False, checkpointed, device)
-    fused = _model(p, True, checkpointed, device)
+def _compare(autocast, activations, p, checkpointed, device="cpu", alpha=16):
+    peft_model = _model(p, False, checkpointed, device, alpha)
+    fused = _model(p, True, checkpointed, device, alpha)
     x = torch.randn(2, 7, 64, dtype=activations, device=device, requires_grad=True)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         for seed in (1, 2):
@@ -73,14 +78,25 @@ def _compare(autocast, activations, p, checkpointed, device="cpu"):
         assert not torch.equal(_run(fused, x, 1)[0], _run(fused, x, 2)[0])
 
 
+PRECISIONS = [  # (autocast, activations)
+    (False, torch.float32),
+    (False, torch.bfloat16),
+    (True, torch.float32),
+    (True, torch.bfloat16),
+]
+
+
 @pytest.mark.parametrize("checkpointed", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize(
-    ("autocast", "activations"),
-    [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)],
-)
+@pytest.mark.parametrize(("autocast", "activations"), PRECISIONS)
 def test_the_branch_gives_peft_s_losses_and_gradients(autocast, activations, p, checkpointed):
     _compare(autocast, activations, p, checkpointed)
+
+
+@pytest.mark.parametrize(("autocast", "activations"), PRECISIONS)
+def test_a_scaling_not_a_power_of_two_is_multiplied_as_peft_does(autocast, activations):
+    # alpha 12, r 8: scaling 1.5, which the add cannot fold in exactly (alpha 16: 2.0 above).
+    _compare(autocast, activations, 0.3, False, alpha=12)
 
 
 @pytest.mark.gpu

@@ -8,7 +8,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from lorafit.model.lora_dropout import DropoutLinear, fuse_lora_dropout
+from lorafit.model.lora_dropout import DropoutLinear, draw_mask, dropped_as, fuse_lora_dropout
+
+# Each test with dropout's CPU form and its GPU form (conftest.py).
+pytestmark = pytest.mark.usefixtures("dropout_forms")
 
 
 class Tiny(nn.Module):
@@ -165,3 +168,40 @@ def test_backward_rebuilds_the_dropped_input_in_its_forward_dtype():
     down_input = [dtype for dtype, shape in outputs.made if shape == (2, 64, 16)]
     assert down_input
     assert torch.float32 not in down_input
+
+
+CASTS = [
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+]
+
+
+def _check_dropped_as(source, target, device):
+    torch.manual_seed(0)
+    x = (torch.randn(64, 96) * 3).to(source).to(device)
+    scale = torch.ones(()) / (1 - 0.3)  # a CPU scalar, as `DropoutLinear.scale` makes it
+    keep = draw_mask(x, 0.3)
+    expected = (x * keep.bool() * scale).to(target)
+    got = dropped_as(x, keep, scale, target)
+    assert got.dtype == target
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(("source", "target"), CASTS)
+def test_the_dropped_input_is_nn_dropout_s_product_cast(source, target):
+    """Two passes (the product rounded into the target dtype, then the byte mask) give the
+    product nn.Dropout makes in the input's dtype, cast: for fp16 into bf16 two roundings."""
+    _check_dropped_as(source, target, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("source", "target"), CASTS)
+def test_on_a_gpu_the_dropped_input_is_nn_dropout_s_product_cast(source, target):
+    # CUDA's kernels compute a half product in fp32 and write it in the output's dtype: fp16
+    # into bf16 would round once there, where the CPU rounds into the common dtype first.
+    _check_dropped_as(source, target, "cuda")

@@ -10,14 +10,23 @@ layers, run three times a step with gradient checkpointing (forward, recomputati
 and at 2048 tokens a row a GPU waits on the host that dispatches them (docs/benchmarks.md).
 
 Here the branch (dropout, lora_A, lora_B, scale) and its add to the base output are one
-autograd function whose forward and backward make the very operations autograd makes for
-peft's path, in the same order, dtypes and layouts, so losses and gradients are bit for bit
-peft's (`tests/model/test_lora_branch.py`), with the dropout mask drawn as `nn.Dropout` draws
-it and kept as one byte a value (`lora_dropout.py`). Layers in any other state (eval, but
-for the fp32 add below; merged, adapters disabled, several active adapters, a variant such as
-DoRA, extra arguments) take peft's own forward.
+autograd function whose losses and gradients are bit for bit peft's
+(`tests/model/test_lora_branch.py`), with the dropout mask drawn as `nn.Dropout` draws it and
+kept as one byte a value (`lora_dropout.py`). It makes autograd's operations for peft's path,
+in the same order, dtypes and layouts, but where fewer give the same bits:
 
-`adapter.fp32_lora_add` (`widen`): under autocast a 4-bit layer whose input is bf16 (with
+- the dropped input is written in the matmul's dtype as it is made (`dropped_as`: on a GPU two
+  passes over the input instead of four);
+- the base layer's output comes in bitsandbytes' compute dtype and is widened to x's dtype in
+  the add, not by bitsandbytes, so backward casts the incoming gradient to bf16 once for the
+  base layer and the branch instead of twice;
+- a scaling that is a power of two (alpha 16 and r 32, alpha 2r) is applied by the add, as
+  its product is exact: one pass fewer.
+
+Layers in any other state (eval, but for the fp32 add below; merged, adapters disabled,
+several active adapters, a variant such as DoRA, extra arguments) take peft's own forward.
+
+`adapter.fp32_lora_add`: under autocast a 4-bit layer whose input is bf16 (with
 peft's fp32 stream, `o_proj` after the attention) gets a bf16 base output, and peft adds the
 update to it in bf16, which rounds away any update smaller than half a bf16 step of the base
 output: a fresh or slowly moving adapter's change to the residual stream is partly lost in
@@ -27,16 +36,20 @@ the layer returns fp32, as the layers with fp32 inputs already do; in training a
 
 from __future__ import annotations
 
+import math
+
 import torch
 from peft.tuners.lora.bnb import Linear4bit
 from torch import nn
 
+from lorafit.model.autocast_outputs import output_dtype
 from lorafit.model.loaded_embeddings import HALF
 from lorafit.model.lora_dropout import (
     DropoutLinear,
-    drop_into,
+    draw_mask,
     dropout_linear_grads,
-    mask_in,
+    dropped_as,
+    matmul_dtype,
     matmul_input,
 )
 
@@ -44,14 +57,6 @@ from lorafit.model.lora_dropout import (
 def _widened(base: torch.Tensor) -> torch.Tensor:
     """A half base output in fp32, for the add of `adapter.fp32_lora_add` (module docstring)."""
     return base.float() if base.dtype in HALF else base
-
-
-def _matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype autocast runs a linear in for x's device, else the adapter's own."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return weight.dtype
 
 
 class _LoraBranch(torch.autograd.Function):
@@ -62,30 +67,39 @@ class _LoraBranch(torch.autograd.Function):
     had already freed it."""
 
     @staticmethod
-    def forward(ctx, x, base, weight_a, weight_b, p, scale, scaling, widen):  # noqa: ANN001, ANN205
-        dtype = _matmul_dtype(x, weight_a)
+    def forward(ctx, x, base, weight_a, weight_b, p, scale, scaling, sum_dtype):  # noqa: ANN001, ANN205
+        dtype = matmul_dtype(x, weight_a)
         compute = matmul_input(x, weight_a)  # x as is under autocast (lora_dropout.py)
         if p > 0:
-            keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
-            dropped = drop_into(compute, mask_in(keep, compute.dtype), scale)
+            keep = draw_mask(x, p)
+            dropped = dropped_as(compute, keep, scale, dtype)
         else:
-            keep, dropped = None, compute
+            keep, dropped = None, compute.to(dtype)
         # What F.linear makes of a 3-d input: a 2-d product on the folded input.
         a_cast, b_cast = weight_a.to(dtype), weight_b.to(dtype)
-        hidden = dropped.reshape(-1, x.shape[-1]).to(dtype).mm(a_cast.t())
-        out = hidden.mm(b_cast.t()) * scaling
+        hidden = dropped.reshape(-1, x.shape[-1]).mm(a_cast.t())
+        product = hidden.mm(b_cast.t())
         ctx.save_for_backward(x, keep, a_cast, b_cast, hidden)
         ctx.scale, ctx.scaling = scale, scaling
         ctx.compute_dtype = compute.dtype
         ctx.weight_dtypes = (weight_a.dtype, weight_b.dtype)
-        ctx.branch_dtype = out.dtype
-        branch = out.view(*x.shape[:-1], out.shape[-1])
+        ctx.branch_dtype = product.dtype
+        ctx.base_dtype = base.dtype
+        product = product.view(*x.shape[:-1], product.shape[-1])
+        # The base output widened to the sum's dtype here rather than in bitsandbytes (its
+        # cast back to x's dtype), so that backward casts the gradient once for both.
+        base = base.to(sum_dtype)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if _exact_scaling(scaling) and (autocast or product.dtype == sum_dtype):
+            # A power of two scales exactly: the product rounded then scaled, and the add, in
+            # one pass (the add computes in fp32 at least, so nothing rounds between).
+            return torch.add(base, product, alpha=scaling)
+        branch = product * scaling
         # peft casts the branch to the base output's dtype where no autocast runs; under
         # autocast the add promotes it, which gives the same numbers (bf16 to fp32 is exact).
-        if branch.dtype != base.dtype and not torch.is_autocast_enabled(x.device.type):
-            branch = branch.to(base.dtype)
-        ctx.base_dtype = base.dtype
-        return (_widened(base) if widen else base) + branch
+        if branch.dtype != sum_dtype and not autocast:
+            branch = branch.to(sum_dtype)
+        return base + branch
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
@@ -94,7 +108,7 @@ class _LoraBranch(torch.autograd.Function):
         # The branch's gradient in its dtype (what autograd gives a bf16 branch of an fp32
         # sum), the product by scaling, then lora_B's product as autograd's MmBackward makes it.
         grad_out = grad.to(ctx.branch_dtype)
-        # A widened half base output takes the same cast of the fp32 gradient: made once.
+        # A half base output takes the same cast of the fp32 gradient: made once.
         grad_base = grad_out if ctx.base_dtype == grad_out.dtype else grad.to(ctx.base_dtype)
         grad_b_out = grad_out.reshape(-1, grad_out.shape[-1]) * ctx.scaling
         grad_b = None
@@ -111,6 +125,12 @@ class _LoraBranch(torch.autograd.Function):
         if grad_a is not None:
             grad_a = grad_a.to(ctx.weight_dtypes[0])
         return grad_x, grad_base if needs_base else None, grad_a, grad_b, None, None, None, None
+
+
+def _exact_scaling(scaling: float) -> bool:
+    """Whether scaling is a power of two (alpha 16 and r 32, alpha 2r...): a product by it is
+    exact in any float dtype short of its range's ends."""
+    return scaling > 0 and math.frexp(scaling)[0] == 0.5
 
 
 def _plain_adapter(layer: nn.Module) -> str | None:
@@ -145,16 +165,28 @@ class FusedBranchLinear4bit(Linear4bit):
             # peft's eval forward (no dropout; autocast casts for the adapter's matmuls) with
             # the add in fp32, as in training.
             return _widened(self.base_layer(x)) + lora_b(lora_a(x)) * self.scaling[name]
+        sum_dtype = output_dtype(self.base_layer, x)  # bitsandbytes' own
+        if widen and sum_dtype in HALF:
+            sum_dtype = torch.float32
         return _LoraBranch.apply(
             x,
-            self.base_layer(x),
+            self._half_base(x),
             lora_a.weight,
             lora_b.weight,
             lora_a.p,
             lora_a.scale(),
             self.scaling[name],
-            widen,
+            sum_dtype,
         )
+
+    def _half_base(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output in its compute dtype: bitsandbytes casts x to it and its
+        output back to x's dtype; given x cast already it returns its own dtype, and
+        `_LoraBranch` makes the cast back (`sum_dtype`)."""
+        base = self.base_layer
+        if base.compute_type_is_set and base.compute_dtype is not None:
+            return base(x.to(base.compute_dtype))
+        return base(x)
 
 
 def fuse_lora_branches(model: nn.Module) -> int:

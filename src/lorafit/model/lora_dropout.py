@@ -4,7 +4,7 @@ peft computes `lora_B(lora_A(dropout(x)))`: autograd then keeps, for every adapt
 dropped input (4 bytes a value in fp32) for lora_A's weight gradient, besides dropout's own
 mask, although `x` itself is already kept by the layers around it. For SmolLM2-135M on a
 512-token row that is about 300 MB of a step's 1.1 GB of saved activations. Here dropout and
-lora_A are one autograd function that keeps `x` (shared, no copy) and the mask as booleans,
+lora_A are one autograd function that keeps `x` (shared, no copy) and the mask as bytes,
 and rebuilds the dropped input in backward.
 
 The mask is drawn with the very call `nn.Dropout` makes (`bernoulli_(1 - p)`, over a tensor
@@ -30,11 +30,10 @@ class _DropoutLinear(torch.autograd.Function):
     def forward(ctx, x, weight, p, scale):  # noqa: ANN001, ANN205
         # The mask nn.Dropout draws: the same bernoulli_ call on the same random stream, here
         # into one byte a value. `scale` is its 1 / (1 - p) (see `DropoutLinear.scale`).
-        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+        keep = draw_mask(x, p)
         compute = matmul_input(x, weight)
-        out = F.linear(
-            drop_into(compute, mask_in(keep, compute.dtype), scale), weight
-        )  # autocast casts it
+        # Dropped straight into the dtype the matmul takes (autocast's cast made here).
+        out = F.linear(dropped_as(compute, keep, scale, matmul_dtype(x, weight)), weight)
         ctx.save_for_backward(x, weight, keep)
         ctx.scale = scale
         ctx.compute_dtype = compute.dtype  # backward rebuilds the dropped input in it
@@ -66,39 +65,69 @@ def dropout_linear_grads(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The gradients of x and weight for `linear(x * keep * scale, weight)` (keep None: no
     dropout), given the output's gradient folded to 2-d, with autograd's own products. The
-    dropped input is rebuilt in `compute_dtype`, the dtype the mask was applied in forward:
+    dropped input is rebuilt as forward made it, in `compute_dtype` rounded to the matmul's:
     backward runs outside autocast, and rebuilding a bf16 input in the weight's fp32 (three
     MLP-wide copies) was once the step's memory peak."""
     flat = x.to(compute_dtype).reshape(-1, x.shape[-1])
-    mask = mask_in(keep, flat.dtype).view(flat.shape) if keep is not None else None
+    keep = keep.view(flat.shape) if keep is not None else None
     grad_x = grad_weight = None
     if needs[0]:
-        grad_dropped = grad_out.mm(weight.to(grad_out.dtype)).to(flat.dtype)
-        if mask is not None:
-            grad_dropped = drop_into(grad_dropped, mask, scale, out=grad_dropped)
+        grad_dropped = grad_out.mm(weight.to(grad_out.dtype))
+        if keep is not None:
+            # The mask applied before the cast, in the product's narrower dtype: a product by
+            # exactly 0 or 1 rounds nothing, so this is the cast times the mask times scale.
+            grad_dropped.mul_(keep)
+            grad_dropped = grad_dropped.to(flat.dtype).mul_(scale)
+        else:
+            grad_dropped = grad_dropped.to(flat.dtype)
         grad_x = grad_dropped.view(x.shape).to(x.dtype)
-    if needs[1]:  # last: it multiplies into the mask
-        dropped = drop_into(flat, mask, scale) if mask is not None else flat
-        grad_weight = (grad_out.t() @ dropped.to(grad_out.dtype)).to(weight.dtype)
+    if needs[1]:  # the rebuilt input, as forward made it
+        if keep is not None:
+            dropped = dropped_as(flat, keep, scale, grad_out.dtype)
+        else:
+            dropped = flat.to(grad_out.dtype)
+        grad_weight = (grad_out.t() @ dropped).to(weight.dtype)
     return grad_x, grad_weight
 
 
-def mask_in(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The bool mask as 0 / 1 in `dtype`: through a uint8 view, as a float tensor times a bool
-    one takes torch's per-element casting loop on CPU (40x slower than a float product here,
-    `bench/mask_product.py`), while a uint8 view converts in one vectorized pass."""
-    return keep.view(torch.uint8).to(dtype)
+def draw_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The mask nn.Dropout draws for x (the same `bernoulli_` call on a bool tensor, so the same
+    random stream), as 0 / 1 bytes: a float tensor times a uint8 one is one vectorized pass,
+    where times a bool one takes torch's per-element casting loop on CPU, 40x slower
+    (`bench/mask_product.py`)."""
+    keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+    return keep.view(torch.uint8)
 
 
-def drop_into(
-    x: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None
+# Devices where `dropped_as` takes the four passes: a CPU computes a product written in another
+# dtype through a temporary in the inputs' dtype, so the two-pass form is slower there (about
+# 2x for fp32 into bf16, `bench/mask_product.py`), while a GPU writes it in the same kernel.
+FOUR_PASS_DEVICES = frozenset({"cpu"})
+
+
+def dropped_as(
+    x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """x * mask * scale, the product nn.Dropout makes, in x's dtype: into `mask` (consumed),
-    or into `out`. Multiplying by exactly 0 or 1 rounds nothing, so this is bit for bit
-    `x * keep * scale`."""
-    if out is None:
-        return mask.mul_(x).mul_(scale)
-    return out.mul_(mask).mul_(scale)
+    """`(x * keep * scale).to(dtype)`, the product nn.Dropout makes in x's dtype cast to the
+    matmul's, bit for bit. On a GPU in two passes over the input instead of four (mask to
+    float, two products, cast): the product by scale computed in x's dtype and rounded once
+    into `dtype`, then the mask as bytes, a product by exactly 0 or 1 that rounds nothing.
+    Where x is half and `dtype` another half (fp16 into bf16), the product is rounded to x's
+    dtype first, as the cast after it would have."""
+    if x.device.type in FOUR_PASS_DEVICES:
+        return keep.to(x.dtype).mul_(x).mul_(scale).to(dtype)
+    if x.dtype not in (dtype, torch.float32):
+        return (x * scale).to(dtype).mul_(keep)
+    out = torch.mul(x, scale, out=torch.empty(x.shape, dtype=dtype, device=x.device))
+    return out.mul_(keep)
+
+
+def matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype autocast runs a linear in for x's device, else the adapter's own."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
 
 
 def matmul_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
