@@ -21,8 +21,8 @@ outside its projections: rotary embedding, the attention kernel, reshapes), `MLP
 and product), `layer` (the residual adds, checkpointing's own), `outside the layers`
 (embedding, final norm, loss) and `optimizer` (with the gradient clipping and zeroing).
 
-Where lorafit picks a form by device (LoRA dropout), the GPU's is counted. Differs from a CUDA
-run: the attention kernel (on a CPU `sdpa_packed` attends each packed
+Where lorafit picks a form by device (LoRA dropout), the GPU's is counted (`fit_preset`).
+Differs from a CUDA run: the attention kernel (on a CPU `sdpa_packed` attends each packed
 example in a call of its own, on CUDA one varlen call a row; so `attention` grows with the
 examples a row here), and the optimizer (torch's AdamW here, bitsandbytes' paged AdamW on CUDA,
 one kernel a tensor). The rest is the same code on either device.
@@ -183,18 +183,10 @@ class StepOps(Callback):
 
 
 def count(layers: int, data: list[str], extra: list[str]) -> collections.Counter:
-    from lorafit.model import lora_dropout
-
     meter = StepOps()
     # Narrow: the count does not depend on widths (4-bit blocks need multiples of 64).
     narrow = ["model.source.hidden_size=512", "model.source.intermediate_size=1792"]
-    # The forms a GPU runs where lorafit picks by device (LoRA dropout's two passes).
-    devices = lora_dropout.FOUR_PASS_DEVICES
-    lora_dropout.FOUR_PASS_DEVICES = frozenset()
-    try:
-        fit_preset(layers, 256, data, [*narrow, *extra], meter)
-    finally:
-        lora_dropout.FOUR_PASS_DEVICES = devices
+    fit_preset(layers, 256, data, [*narrow, *extra], meter)
     return meter.counts
 
 
