@@ -8,8 +8,10 @@ MLP-wide tensors a layer, fp32 under peft's recipe (14,336 values a token for Mi
 memory peak (docs/benchmarks.md), so the one that can be recomputed for the cost of a silu is:
 here backward makes `silu(gate)` again. The gradients are made with the very operators
 autograd uses (`silu_backward`, the two products), so losses and gradients are bit for bit the
-same (`tests/model/test_swiglu.py`). Always on; MLPs whose forward was replaced on the instance
-(Liger's SwiGLU) or whose activation is not SiLU keep theirs.
+same (`tests/model/test_swiglu.py`). Backward writes each gradient over the input it is the
+last use of, as Liger's SwiGLU kernel does, so that it allocates no MLP-wide tensor where
+autograd's path allocated four at the peak. Always on; MLPs whose forward was replaced on the
+instance (Liger's SwiGLU) or whose activation is not SiLU keep theirs.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         gate, up = ctx.saved_tensors
+        if grad.dtype == gate.dtype == up.dtype:
+            return _grads_over_inputs(grad, gate, up, ctx.needs_input_grad)
         grad_gate = grad_up = None
         if ctx.needs_input_grad[0]:
             # MulBackward's gradient for silu(gate), then SiluBackward's; freed before the
@@ -42,6 +46,23 @@ class _SwiGLU(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_up = (grad * F.silu(gate)).to(up.dtype)
         return grad_gate, grad_up
+
+
+def _grads_over_inputs(grad, gate, up, needs):  # noqa: ANN001, ANN202
+    """The same gradients, each written over the input it is the last use of: `up` becomes
+    silu(gate)'s gradient and then gate's, `gate` becomes silu(gate) and then up's gradient.
+    gate and up are the projections' outputs, which nothing but this function keeps (its
+    inputs were saved for it alone), so backward allocates no MLP-wide tensor of its own where
+    it allocated four, at the step's memory peak. A second backward through the same saved
+    tensors finds them modified and autograd refuses it; under checkpointing each backward
+    gets freshly recomputed ones."""
+    grad_gate = grad_up = None
+    if needs[0]:
+        grad_act = torch.mul(grad, up, out=up)
+        grad_gate = torch.ops.aten.silu_backward.grad_input(grad_act, gate, grad_input=grad_act)
+    if needs[1]:
+        grad_up = F.silu(gate, inplace=True).mul_(grad)  # grad * silu(gate): the same product
+    return grad_gate, grad_up
 
 
 def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
