@@ -20,8 +20,10 @@ in the same order, dtypes and layouts, but where fewer give the same bits:
 - the base layer's output comes in bitsandbytes' compute dtype and is widened to x's dtype in
   the add, not by bitsandbytes, so backward casts the incoming gradient to bf16 once for the
   base layer and the branch instead of twice;
-- a scaling that is a power of two (alpha 16 and r 32, alpha 2r) is applied by the add, as
-  its product is exact: one pass fewer.
+- a scaling that is a power of two (alpha 16 and r 32, alpha 2r) is applied by the add in
+  forward, and in backward to lora_B's rank-wide gradients instead of the output-wide one, as
+  its products are exact: an output-wide pass fewer in each, and no output-wide tensor made
+  in backward.
 
 Layers in any other state (eval, but for the fp32 add below; merged, adapters disabled,
 several active adapters, a variant such as DoRA, extra arguments) take peft's own forward.
@@ -110,11 +112,19 @@ class _LoraBranch(torch.autograd.Function):
         grad_out = grad.to(ctx.branch_dtype)
         # A half base output takes the same cast of the fp32 gradient: made once.
         grad_base = grad_out if ctx.base_dtype == grad_out.dtype else grad.to(ctx.base_dtype)
-        grad_b_out = grad_out.reshape(-1, grad_out.shape[-1]) * ctx.scaling
+        grad_b_out = grad_out.reshape(-1, grad_out.shape[-1])
         grad_b = None
-        if needs_b:
-            grad_b = grad_b_out.t().mm(hidden).to(ctx.weight_dtypes[1])
-        grad_hidden = grad_b_out.mm(b_cast)
+        if _exact_scaling(ctx.scaling):
+            # Scaled after lora_B's products, on their rank-wide results, not before on the
+            # output-wide gradient: a power of two commutes with every rounding in them.
+            if needs_b:
+                grad_b = (grad_b_out.t().mm(hidden) * ctx.scaling).to(ctx.weight_dtypes[1])
+            grad_hidden = grad_b_out.mm(b_cast).mul_(ctx.scaling)
+        else:
+            grad_b_out = grad_b_out * ctx.scaling
+            if needs_b:
+                grad_b = grad_b_out.t().mm(hidden).to(ctx.weight_dtypes[1])
+            grad_hidden = grad_b_out.mm(b_cast)
         # Freed before lora_A's gradients, the backward's peak (for down_proj: its input-wide
         # mask, product and casts), as autograd frees them between peft's separate nodes.
         del grad_out, grad_b_out
