@@ -5,8 +5,11 @@
 
 A float tensor times a bool tensor goes through torch's per-element casting loop on CPU; the
 same mask viewed as uint8 converts to the float dtype in one vectorized pass, after which the
-product is float times float. `lorafit.model.lora_dropout` takes the second way. Prints the
-median milliseconds of each.
+product is float times float. `lorafit.model.lora_dropout` takes the second way. Then the whole
+dropped input in the matmul's dtype (`lora_dropout.dropped_as`) in its two forms: four passes
+(mask to float, two products, cast), which it takes on a CPU, and two (the product written in
+the matmul's dtype, then the byte mask), which it takes on a GPU. Prints the median
+milliseconds of each.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from unittest import mock
 
 import torch
+
+from lorafit.model import lora_dropout
 
 
 def median_ms(work, repeats: int) -> float:
@@ -48,6 +54,22 @@ def main() -> None:
         print(f"\n{dtype}")
         for name, work in ways.items():
             print(f"  {name:24s} {median_ms(work, args.repeats):8.3f} ms")
+    print("\nthe dropped input, input -> matmul dtype: four passes (CPU form), two (GPU form)")
+    scale = torch.ones(()) / (1 - 0.05)
+    for source, target in [
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+    ]:
+        x = torch.randn(args.shape, generator=generator).to(source)
+        times = []
+        for devices in (frozenset({"cpu"}), frozenset()):
+            with mock.patch.object(lora_dropout, "FOUR_PASS_DEVICES", devices):
+                work = lambda x=x, target=target: lora_dropout.dropped_as(  # noqa: E731
+                    x, keep.view(torch.uint8), scale, target
+                )
+                times.append(median_ms(work, args.repeats))
+        print(f"  {str(source):15s} -> {str(target):15s} {times[0]:8.3f} ms {times[1]:8.3f} ms")
 
 
 if __name__ == "__main__":
