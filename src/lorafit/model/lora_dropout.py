@@ -100,8 +100,8 @@ def draw_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 # Devices where `dropped_as` takes the four passes: a CPU computes a product written in another
-# dtype through a temporary in the inputs' dtype, so the two-pass form is slower there (about
-# 2x for fp32 into bf16, `bench/mask_product.py`), while a GPU writes it in the same kernel.
+# dtype through a temporary in the inputs' dtype, so the two-pass form is no faster there and
+# up to 20x slower by dtype and shape (`bench/mask_product.py`); a GPU writes it in one kernel.
 FOUR_PASS_DEVICES = frozenset({"cpu"})
 
 
