@@ -101,11 +101,11 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def four_bit_linear(n_in: int, n_out: int, device: str = "cpu"):
+def four_bit_linear(n_in: int, n_out: int, device: str = "cpu", bias: bool = False):
     """A bitsandbytes NF4 layer with random weights, quantized on `device` (bf16 compute)."""
     import bitsandbytes as bnb
 
-    layer = bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.bfloat16)
+    layer = bnb.nn.Linear4bit(n_in, n_out, bias=bias, compute_dtype=torch.bfloat16)
     weight = torch.randn(n_out, n_in) / n_in**0.5
     params = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
     layer.weight = params._quantize(device)

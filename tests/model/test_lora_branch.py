@@ -121,6 +121,40 @@ def test_the_branch_dispatches_fewer_operators():
     assert counts[1] <= 0.9 * counts[0], counts
 
 
+class _BiasedTiny(Tiny):
+    def __init__(self):
+        super().__init__()
+        self.up = four_bit_linear(64, 128, bias=True)
+
+
+@pytest.mark.parametrize("kind", ["bias", "hook"])
+def test_4bit_layers_with_a_bias_or_hooks_keep_peft_s_numbers_and_what_hooks_see(kind):
+    def model(fused):
+        torch.manual_seed(0)
+        tiny = _BiasedTiny() if kind == "bias" else Tiny()
+        calls = []
+        if kind == "hook":  # a forward hook on the 4-bit layer must still run
+            tiny.up.register_forward_hook(lambda m, a, out: calls.append(out.dtype))
+        peft_model = get_peft_model(
+            tiny, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.3, target_modules=["up", "down"])
+        )
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(param, std=0.1)
+        if fused:
+            fuse_lora_dropout(peft_model)
+            fuse_lora_branches(peft_model)
+        return peft_model.train(), calls
+
+    (plain, plain_calls), (fused, fused_calls) = model(False), model(True)
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _run(plain, x, 1)
+        fused_loss, fused_grads = _run(fused, x, 1)
+    assert_bitwise_equal([fused_loss, *fused_grads], [loss, *grads])
+    assert fused_calls == plain_calls
+
+
 def test_other_states_take_peft_s_forward():
     model = _model(0.3, True)
     layer = model.base_model.model.up

@@ -192,9 +192,11 @@ class FusedBranchLinear4bit(Linear4bit):
     def _half_base(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output in its compute dtype: bitsandbytes casts x to it and its
         output back to x's dtype; given x cast already it returns its own dtype, and
-        `_LoraBranch` makes the cast back (`sum_dtype`)."""
+        `_LoraBranch` makes the cast back (`sum_dtype`). A layer with hooks gets x as it is:
+        they see what they would see under peft."""
         base = self.base_layer
-        if base.compute_type_is_set and base.compute_dtype is not None:
+        hooked = base._forward_hooks or base._forward_pre_hooks
+        if base.compute_type_is_set and base.compute_dtype is not None and not hooked:
             return base(x.to(base.compute_dtype))
         return base(x)
 
