@@ -29,6 +29,8 @@ holds the same two fp32 tensors per LoRA weight, reported apart).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import sys
 import tempfile
 import weakref
@@ -226,16 +228,40 @@ def live_storages(model: torch.nn.Module, optimizers) -> dict[str, int]:
     return sizes
 
 
+def _dropped_as_without_temporary(original, x, keep, scale, dtype):  # noqa: ANN001, ANN202
+    """`lora_dropout.dropped_as`'s GPU form with the same bits and a GPU's memory: a CPU makes a
+    product written in another dtype through a temporary of the input's size in the inputs'
+    dtype, which a GPU's kernel does not; here it is made 256 rows at a time."""
+    if x.dtype not in (dtype, torch.float32) or x.dtype == dtype:
+        return original(x, keep, scale, dtype)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    rows, flat = out.view(-1, x.shape[-1]), x.reshape(-1, x.shape[-1])
+    for start in range(0, rows.shape[0], 256):
+        torch.mul(flat[start : start + 256], scale, out=rows[start : start + 256])
+    return out.mul_(keep)
+
+
+def gpu_forms() -> contextlib.ExitStack:
+    """Where lorafit picks a form by device (LoRA dropout's passes), the GPU's, with a GPU's
+    memory (`_dropped_as_without_temporary`)."""
+    from lorafit.model import lora_branch, lora_dropout
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(lora_dropout, "FOUR_PASS_DEVICES", frozenset()))
+    without = functools.partial(_dropped_as_without_temporary, lora_dropout.dropped_as)
+    for module in (lora_dropout, lora_branch):
+        stack.enter_context(mock.patch.object(module, "dropped_as", without))
+    return stack
+
+
 def fit_preset(layers: int, sequence_len: int, data: list[str], extra: list[str], meter) -> None:
     """Train `PRESET` with `layers` decoder layers on the CPU for the few steps `meter` (a
     callback that stops the run) needs; nothing is written but a temporary folder. Where
     lorafit picks a form by device (LoRA dropout's passes), the GPU's form runs: these runs
     stand in for a GPU's."""
-    from lorafit.model import lora_dropout
     from lorafit.training import build_run
 
-    gpu_forms = mock.patch.object(lora_dropout, "FOUR_PASS_DEVICES", frozenset())
-    with gpu_forms, tempfile.TemporaryDirectory() as output:
+    with gpu_forms(), tempfile.TemporaryDirectory() as output:
         cfg = compose(
             [
                 PRESET,

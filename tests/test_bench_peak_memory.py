@@ -99,3 +99,19 @@ def test_a_tiny_qlora_step_grows_linearly_with_its_layers() -> None:
     assert all(abs(runs[n]["left"]) < 1024 for n in (1, 2, 3))
     assert steps[0] > 0
     assert steps[2] - steps[1] == pytest.approx(steps[1] - steps[0], abs=8 * 1024)
+
+
+def test_the_gpu_forms_give_the_same_bits_and_are_undone_after() -> None:
+    from lorafit.model import lora_branch, lora_dropout
+
+    x = torch.randn(600, 96)
+    keep = (torch.rand(600, 96) < 0.9).view(torch.uint8)
+    scale = torch.ones(()) / 0.9
+    with peak_memory.gpu_forms():
+        assert lora_dropout.FOUR_PASS_DEVICES == frozenset()
+        assert lora_branch.dropped_as is lora_dropout.dropped_as
+        for dtype in (torch.bfloat16, torch.float32):
+            expected = (x * keep.bool() * scale).to(dtype)
+            assert torch.equal(lora_branch.dropped_as(x, keep, scale, dtype), expected)
+    assert lora_dropout.FOUR_PASS_DEVICES == frozenset({"cpu"})
+    assert lora_branch.dropped_as.__module__ == "lorafit.model.lora_dropout"
