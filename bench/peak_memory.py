@@ -232,7 +232,7 @@ def _dropped_as_without_temporary(original, x, keep, scale, dtype):  # noqa: ANN
     """`lora_dropout.dropped_as`'s GPU form with the same bits and a GPU's memory: a CPU makes a
     product written in another dtype through a temporary of the input's size in the inputs'
     dtype, which a GPU's kernel does not; here it is made 256 rows at a time."""
-    if x.dtype not in (dtype, torch.float32) or x.dtype == dtype:
+    if x.dtype != torch.float32 or dtype == torch.float32:  # no product into another dtype
         return original(x, keep, scale, dtype)
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     rows, flat = out.view(-1, x.shape[-1]), x.reshape(-1, x.shape[-1])
@@ -241,27 +241,36 @@ def _dropped_as_without_temporary(original, x, keep, scale, dtype):  # noqa: ANN
     return out.mul_(keep)
 
 
-def gpu_forms() -> contextlib.ExitStack:
-    """Where lorafit picks a form by device (LoRA dropout's passes), the GPU's, with a GPU's
-    memory (`_dropped_as_without_temporary`)."""
+def gpu_forms(gpu_memory: bool = True) -> contextlib.ExitStack:
+    """Where lorafit picks a form by device (LoRA dropout's passes), the GPU's; with
+    `gpu_memory`, made with a GPU's memory (`_dropped_as_without_temporary`, whose row chunks
+    add operators a GPU does not dispatch: not for counting them)."""
     from lorafit.model import lora_branch, lora_dropout
 
     stack = contextlib.ExitStack()
     stack.enter_context(mock.patch.object(lora_dropout, "FOUR_PASS_DEVICES", frozenset()))
-    without = functools.partial(_dropped_as_without_temporary, lora_dropout.dropped_as)
-    for module in (lora_dropout, lora_branch):
-        stack.enter_context(mock.patch.object(module, "dropped_as", without))
+    if gpu_memory:
+        without = functools.partial(_dropped_as_without_temporary, lora_dropout.dropped_as)
+        for module in (lora_dropout, lora_branch):
+            stack.enter_context(mock.patch.object(module, "dropped_as", without))
     return stack
 
 
-def fit_preset(layers: int, sequence_len: int, data: list[str], extra: list[str], meter) -> None:
+def fit_preset(
+    layers: int,
+    sequence_len: int,
+    data: list[str],
+    extra: list[str],
+    meter,  # noqa: ANN001
+    gpu_memory: bool = True,
+) -> None:
     """Train `PRESET` with `layers` decoder layers on the CPU for the few steps `meter` (a
     callback that stops the run) needs; nothing is written but a temporary folder. Where
     lorafit picks a form by device (LoRA dropout's passes), the GPU's form runs: these runs
-    stand in for a GPU's."""
+    stand in for a GPU's (`gpu_forms`)."""
     from lorafit.training import build_run
 
-    with gpu_forms(), tempfile.TemporaryDirectory() as output:
+    with gpu_forms(gpu_memory), tempfile.TemporaryDirectory() as output:
         cfg = compose(
             [
                 PRESET,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import sys
 import tempfile
 from pathlib import Path
@@ -141,6 +142,7 @@ class OpCounter(TorchDispatchMode):
 NO_DATA = {"empty", "empty_strided", "new_empty", "empty_like"}
 
 
+@functools.cache
 def launches(func) -> bool:
     """Whether an operator reads or writes tensor data (on a GPU, launches a kernel): not a
     view (its schema returns an alias it does not write) nor a bare allocation."""
@@ -186,7 +188,7 @@ def count(layers: int, data: list[str], extra: list[str]) -> collections.Counter
     meter = StepOps()
     # Narrow: the count does not depend on widths (4-bit blocks need multiples of 64).
     narrow = ["model.source.hidden_size=512", "model.source.intermediate_size=1792"]
-    fit_preset(layers, 256, data, [*narrow, *extra], meter)
+    fit_preset(layers, 256, data, [*narrow, *extra], meter, gpu_memory=False)
     return meter.counts
 
 

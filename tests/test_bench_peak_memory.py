@@ -115,3 +115,13 @@ def test_the_gpu_forms_give_the_same_bits_and_are_undone_after() -> None:
             assert torch.equal(lora_branch.dropped_as(x, keep, scale, dtype), expected)
     assert lora_dropout.FOUR_PASS_DEVICES == frozenset({"cpu"})
     assert lora_branch.dropped_as.__module__ == "lorafit.model.lora_dropout"
+
+
+def test_without_gpu_memory_the_gpu_forms_keep_lorafit_s_own_function() -> None:
+    # bench/step_ops.py counts operators: the memory stand-in's row chunks would add some.
+    from lorafit.model import lora_branch, lora_dropout
+
+    original = lora_dropout.dropped_as
+    with peak_memory.gpu_forms(gpu_memory=False):
+        assert lora_dropout.FOUR_PASS_DEVICES == frozenset()
+        assert lora_branch.dropped_as is original and lora_dropout.dropped_as is original

@@ -40,14 +40,4 @@ def return_autocast_dtype(model: nn.Module) -> int:
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     for layer in layers:
         layer.register_forward_pre_hook(_to_autocast_dtype)
-        layer.returns_autocast_dtype = True  # read by lora_branch.py
     return len(layers)
-
-
-def output_dtype(layer: nn.Module, x: torch.Tensor) -> torch.dtype:
-    """The dtype a bitsandbytes 4-bit layer returns for input x: x's own, or autocast's where
-    this option is on and autocast runs."""
-    device = x.device.type
-    if getattr(layer, "returns_autocast_dtype", False) and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype

@@ -44,7 +44,6 @@ import torch
 from peft.tuners.lora.bnb import Linear4bit
 from torch import nn
 
-from lorafit.model.autocast_outputs import output_dtype
 from lorafit.model.loaded_embeddings import HALF
 from lorafit.model.lora_dropout import (
     DropoutLinear,
@@ -175,12 +174,12 @@ class FusedBranchLinear4bit(Linear4bit):
             # peft's eval forward (no dropout; autocast casts for the adapter's matmuls) with
             # the add in fp32, as in training.
             return _widened(self.base_layer(x)) + lora_b(lora_a(x)) * self.scaling[name]
-        sum_dtype = output_dtype(self.base_layer, x)  # bitsandbytes' own
+        base, sum_dtype = self._half_base(x)
         if widen and sum_dtype in HALF:
             sum_dtype = torch.float32
         return _LoraBranch.apply(
             x,
-            self._half_base(x),
+            base,
             lora_a.weight,
             lora_b.weight,
             lora_a.p,
@@ -189,16 +188,18 @@ class FusedBranchLinear4bit(Linear4bit):
             sum_dtype,
         )
 
-    def _half_base(self, x: torch.Tensor) -> torch.Tensor:
-        """The base layer's output in its compute dtype: bitsandbytes casts x to it and its
-        output back to x's dtype; given x cast already it returns its own dtype, and
-        `_LoraBranch` makes the cast back (`sum_dtype`). A layer with hooks gets x as it is:
-        they see what they would see under peft."""
+    def _half_base(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+        """The base layer's output in its compute dtype, and the dtype bitsandbytes would have
+        returned it in: it casts x to its compute dtype and its output back to x's; given x
+        cast already it returns its own, and `_LoraBranch` makes the cast back (`sum_dtype`).
+        A layer with hooks (`adapter.autocast_outputs` adds one) gets x as it is, so they see
+        what they would see under peft, and returns what they make of it."""
         base = self.base_layer
         hooked = base._forward_hooks or base._forward_pre_hooks
         if base.compute_type_is_set and base.compute_dtype is not None and not hooked:
-            return base(x.to(base.compute_dtype))
-        return base(x)
+            return base(x.to(base.compute_dtype)), x.dtype
+        out = base(x)
+        return out, out.dtype
 
 
 def fuse_lora_branches(model: nn.Module) -> int:
