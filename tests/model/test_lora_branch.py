@@ -121,6 +121,23 @@ def test_the_branch_dispatches_fewer_operators():
     assert counts[1] <= 0.9 * counts[0], counts
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_the_input_s_two_gradients_are_summed_in_place(p):
+    """x feeds the 4-bit layer and the branch; autograd adds one gradient into the other in
+    place only if the first is a tensor it alone holds (not a view of another), else it
+    allocates the sum (for down_proj an MLP-wide fp32 tensor). A dispatch mode would stop
+    autograd summing in place, so the profiler watches."""
+    model = _model(p, True)
+    x = torch.randn(2, 7, 128, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.base_model.model.down(x).float().square().sum()
+    with torch.profiler.profile(record_shapes=True) as prof:
+        loss.backward()
+    sums = [e.name for e in prof.events() if e.input_shapes[:1] == [list(x.shape)]]
+    sums = [name for name in sums if name in ("aten::add", "aten::add_")]
+    assert sums == ["aten::add_"]
+
+
 class _BiasedTiny(Tiny):
     def __init__(self):
         super().__init__()

@@ -72,15 +72,20 @@ def dropout_linear_grads(
     keep = keep.view(flat.shape) if keep is not None else None
     grad_x = grad_weight = None
     if needs[0]:
-        grad_dropped = grad_out.mm(weight.to(grad_out.dtype))
+        # Made in x's shape rather than viewed into it: where x has another consumer (the base
+        # layer), autograd adds the other gradient in place into a tensor it alone holds, but
+        # into a view it allocates the sum anew (for down_proj an MLP-wide fp32 tensor, at
+        # the step's memory peak).
+        grad_dropped = torch.empty(x.shape, dtype=grad_out.dtype, device=grad_out.device)
+        torch.mm(grad_out, weight.to(grad_out.dtype), out=grad_dropped.view(flat.shape))
         if keep is not None:
             # The mask applied before the cast, in the product's narrower dtype: a product by
             # exactly 0 or 1 rounds nothing, so this is the cast times the mask times scale.
-            grad_dropped.mul_(keep)
+            grad_dropped.view(flat.shape).mul_(keep)
             grad_dropped = grad_dropped.to(flat.dtype).mul_(scale)
         else:
             grad_dropped = grad_dropped.to(flat.dtype)
-        grad_x = grad_dropped.view(x.shape).to(x.dtype)
+        grad_x = grad_dropped.to(x.dtype)
     if needs[1]:  # the rebuilt input, as forward made it
         if keep is not None:
             dropped = dropped_as(flat, keep, scale, grad_out.dtype)
