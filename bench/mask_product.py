@@ -7,9 +7,9 @@ A float tensor times a bool tensor goes through torch's per-element casting loop
 same mask viewed as uint8 converts to the float dtype in one vectorized pass, after which the
 product is float times float. `lorafit.model.lora_dropout` takes the second way. Then the whole
 dropped input in the matmul's dtype (`lora_dropout.dropped_as`) in its two forms: four passes
-(mask to float, two products, cast), which it takes on a CPU, and two (the product written in
-the matmul's dtype, then the byte mask), which it takes on a GPU. Prints the median
-milliseconds of each.
+(mask to float, two products, cast), which it takes on a CPU, and one from an fp32 input (the
+product by scale and the byte mask, written in the matmul's dtype), which it takes on a GPU.
+Prints the median milliseconds of each.
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def main() -> None:
         print(f"\n{dtype}")
         for name, work in ways.items():
             print(f"  {name:24s} {median_ms(work, args.repeats):8.3f} ms")
-    print("\nthe dropped input, input -> matmul dtype: four passes (CPU form), two (GPU form)")
-    scale, mask_bytes = torch.ones(()) / (1 - 0.05), keep.view(torch.uint8)
+    print("\nthe dropped input, input -> matmul dtype: CPU form, GPU form")
+    scale, mask_bytes = (torch.ones(()) / (1 - 0.05)).item(), keep.view(torch.uint8)
+    zero = torch.full((1,), -0.0)
     for source, target in [
         (torch.float32, torch.bfloat16),
         (torch.float32, torch.float32),
@@ -64,9 +65,9 @@ def main() -> None:
         x = torch.randn(args.shape, generator=generator).to(source)
         times = []
         for devices in (frozenset({"cpu"}), frozenset()):
-            with mock.patch.object(lora_dropout, "FOUR_PASS_DEVICES", devices):
+            with mock.patch.object(lora_dropout, "CPU_FORM_DEVICES", devices):
                 work = lambda x=x, target=target: lora_dropout.dropped_as(  # noqa: E731
-                    x, mask_bytes, scale, target
+                    x, mask_bytes, scale, target, zero
                 )
                 times.append(median_ms(work, args.repeats))
         print(f"  {str(source):15s} -> {str(target):15s} {times[0]:8.3f} ms {times[1]:8.3f} ms")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import sys
 import tempfile
 import weakref
@@ -228,31 +227,35 @@ def live_storages(model: torch.nn.Module, optimizers) -> dict[str, int]:
     return sizes
 
 
-def _dropped_as_without_temporary(original, x, keep, scale, dtype):  # noqa: ANN001, ANN202
-    """`lora_dropout.dropped_as`'s GPU form with the same bits and a GPU's memory: a CPU makes a
-    product written in another dtype through a temporary of the input's size in the inputs'
-    dtype, which a GPU's kernel does not; here it is made 256 rows at a time."""
-    if x.dtype != torch.float32 or dtype == torch.float32:  # no product into another dtype
-        return original(x, keep, scale, dtype)
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    rows, flat = out.view(-1, x.shape[-1]), x.reshape(-1, x.shape[-1])
-    for start in range(0, rows.shape[0], 256):
-        torch.mul(flat[start : start + 256], scale, out=rows[start : start + 256])
-    return out.mul_(keep)
+def _mixed_addcmul_in_rows(start, tensor1, tensor2, value, dtype):  # noqa: ANN001, ANN202
+    """`lora_dropout.mixed_addcmul` with the same bits and a GPU's memory: a CPU computes it
+    through fp32 temporaries of its operands' size (a byte mask, bf16 inputs, a bf16 result),
+    which a GPU's kernel does not make; here it is made 256 rows at a time."""
+    shape = tensor1.shape
+    out = torch.empty(shape, dtype=dtype, device=tensor1.device)
+
+    def rows(t):  # noqa: ANN001, ANN202
+        return t.reshape(-1, shape[-1]) if t.numel() > 1 else t
+
+    operands, into = [rows(t) for t in (start, tensor1, tensor2)], rows(out)
+    for first in range(0, into.shape[0], 256):
+        piece = slice(first, first + 256)
+        chunk = [t[piece] if t.numel() > 1 else t for t in operands]
+        torch.addcmul(*chunk, value=value, out=into[piece])
+    return out
 
 
 def gpu_forms(gpu_memory: bool = True) -> contextlib.ExitStack:
-    """Where lorafit picks a form by device (LoRA dropout's passes), the GPU's; with
-    `gpu_memory`, made with a GPU's memory (`_dropped_as_without_temporary`, whose row chunks
-    add operators a GPU does not dispatch: not for counting them)."""
+    """Where lorafit picks a form by device (`lora_dropout.one_pass`), the GPU's; with
+    `gpu_memory`, made with a GPU's memory (`_mixed_addcmul_in_rows`, whose row chunks add
+    operators a GPU does not dispatch: not for counting them)."""
     from lorafit.model import lora_branch, lora_dropout
 
     stack = contextlib.ExitStack()
-    stack.enter_context(mock.patch.object(lora_dropout, "FOUR_PASS_DEVICES", frozenset()))
+    stack.enter_context(mock.patch.object(lora_dropout, "CPU_FORM_DEVICES", frozenset()))
     if gpu_memory:
-        without = functools.partial(_dropped_as_without_temporary, lora_dropout.dropped_as)
         for module in (lora_dropout, lora_branch):
-            stack.enter_context(mock.patch.object(module, "dropped_as", without))
+            stack.enter_context(mock.patch.object(module, "mixed_addcmul", _mixed_addcmul_in_rows))
     return stack
 
 

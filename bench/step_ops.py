@@ -3,6 +3,7 @@
     python bench/step_ops.py                                      # the canonical job's options
     python bench/step_ops.py --set adapter.upcast_unquantized=false
     python bench/step_ops.py --top 20                             # the commonest operators too
+    python bench/step_ops.py --traffic                            # and the bytes they move
 
 At 2048 tokens a row an H200 waits on the host for about half of each QLoRA step
 (docs/benchmarks.md): the host dispatches every operator, and launches its kernels, one after
@@ -20,6 +21,14 @@ matmul, dropout, lora_A, lora_B, scale, add, casts), `norm`, `attention` (what i
 outside its projections: rotary embedding, the attention kernel, reshapes), `MLP` (activation
 and product), `layer` (the residual adds, checkpointing's own), `outside the layers`
 (embedding, final norm, loss) and `optimizer` (with the gradient clipping and zeroing).
+
+With `--traffic` the model keeps the preset's widths (Mistral-7B's, at `--sequence-len` tokens)
+and each operator that moves data also adds up the bytes it reads and writes (its tensor
+inputs and outputs; an in-place operator reads and writes its first input, one that only
+overwrites it, `copy_` or `bernoulli_`, does not read it). Outside the matrix products and the
+attention kernel, those passes are bound by the GPU's memory bandwidth: on the H200 at 2048
+tokens, casts and elementwise passes took over half of the GPU's time. The sum is the traffic
+an eager GPU step makes for them, caches aside.
 
 Where lorafit picks a form by device (LoRA dropout), the GPU's is counted (`fit_preset`).
 Differs from a CUDA run: the attention kernel (on a CPU `sdpa_packed` attends each packed
@@ -84,6 +93,9 @@ class OpCounter(TorchDispatchMode):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        # (phase, kind, operator, dtypes in -> out) -> bytes read and written, outside the
+        # matrix products and attention kernels.
+        self.moved: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
         self.optimizing = False
         self._stack: list[str] = []
         self._inputs: list[set[int]] = []
@@ -135,11 +147,19 @@ class OpCounter(TorchDispatchMode):
             phase, kind = "backward", self._nodes.get(id(node), (None, "outside the layers"))[1]
         else:
             phase, kind = "forward", "outside the layers"
-        self.counts[(phase, kind, func.overloadpacket.__name__, launches(func))] += 1
-        return func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        self.counts[(phase, kind, name, launches(func))] += 1
+        out = func(*args, **(kwargs or {}))
+        if launches(func) and not is_product(name):
+            reads, writes = moved(name, args, kwargs or {}, out)
+            self.moved[(phase, kind, name, signature(reads, writes))] += sum(
+                t.numel() * t.element_size() for t in reads + writes
+            )
+        return out
 
 
-NO_DATA = {"empty", "empty_strided", "new_empty", "empty_like"}
+# Bare allocations, and `_unsafe_view`: a view whose schema does not say so (matmul's reshape).
+NO_DATA = {"empty", "empty_strided", "new_empty", "empty_like", "_unsafe_view"}
 
 
 @functools.cache
@@ -150,6 +170,37 @@ def launches(func) -> bool:
         return False
     returns = func._schema.returns
     return not any(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
+# Matrix products and attention kernels: bound by arithmetic, not by memory traffic.
+PRODUCTS = ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "gemm_4bit")
+
+
+def is_product(name: str) -> bool:
+    return name in PRODUCTS or "attention" in name
+
+
+# Operators that overwrite their first input without reading it.
+OVERWRITES = {"copy_", "fill_", "zero_", "bernoulli_", "uniform_", "normal_", "random_"}
+
+
+def moved(name: str, args, kwargs, out) -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # noqa: ANN001
+    """The tensors an operator reads and those it writes (an `out=` tensor is written only)."""
+    written = _tensors(out)
+    skip = {id(t) for t in _tensors(kwargs.get("out"))}
+    if name in OVERWRITES:
+        skip |= {id(t) for t in _tensors(args[:1])}
+    reads = [t for t in _tensors((args, kwargs)) if id(t) not in skip]
+    return reads, written
+
+
+def signature(reads: list[torch.Tensor], writes: list[torch.Tensor]) -> str:
+    """`float32,uint8->bfloat16`: the dtypes read and written."""
+
+    def names(tensors):
+        return ",".join(str(t.dtype).removeprefix("torch.") for t in tensors)
+
+    return f"{names(reads)}->{names(writes)}"
 
 
 def _tensors(value) -> list[torch.Tensor]:
@@ -164,6 +215,7 @@ class StepOps(Callback):
         self.step = step
         self.counter: OpCounter | None = None
         self.counts: collections.Counter | None = None
+        self.moved: collections.Counter | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.step:
@@ -179,17 +231,23 @@ class StepOps(Callback):
             return
         self.counter.__exit__(None, None, None)
         self.counter.remove()
-        self.counts = self.counter.counts
+        self.counts, self.moved = self.counter.counts, self.counter.moved
         self.counter = None
         trainer.should_stop = True
 
 
-def count(layers: int, data: list[str], extra: list[str]) -> collections.Counter:
+def count(
+    layers: int, data: list[str], extra: list[str], sequence_len: int | None = None
+) -> tuple[collections.Counter, collections.Counter]:
+    """The operators of a step, and the bytes they move outside matrix products. Without
+    `sequence_len`, narrowed and at 256 tokens: counts only, in seconds (they depend on neither
+    widths nor length); with it, at the preset's widths and that length, for the bytes."""
     meter = StepOps()
     # Narrow: the count does not depend on widths (4-bit blocks need multiples of 64).
     narrow = ["model.source.hidden_size=512", "model.source.intermediate_size=1792"]
-    fit_preset(layers, 256, data, [*narrow, *extra], meter, gpu_memory=False)
-    return meter.counts
+    widths = narrow if sequence_len is None else []
+    fit_preset(layers, sequence_len or 256, data, [*widths, *extra], meter, gpu_memory=False)
+    return meter.counts, meter.moved
 
 
 def project(one: collections.Counter, two: collections.Counter, depth: int) -> collections.Counter:
@@ -220,19 +278,51 @@ def table(counts: collections.Counter, layer: collections.Counter, depth: int) -
     return "\n".join(lines)
 
 
+def traffic_table(moved: collections.Counter, layer: collections.Counter, depth: int) -> str:
+    """Per kind: the GB one layer moves outside matrix products in each phase, and the step's."""
+
+    def total(counter, phase: str | None, kind: str | None) -> float:
+        return sum(
+            n for (p, k, _, _), n in counter.items() if phase in (None, p) and kind in (None, k)
+        )
+
+    lines = [
+        f"| kind | a layer: {' | '.join(PHASES)} (GB) | {depth} layers: a step (GB) |",
+        "| --- | --- | --- |",
+    ]
+    for kind in [*KINDS, None]:
+        phases = " | ".join(f"{total(layer, phase, kind) / 1e9:.3f}" for phase in PHASES)
+        lines.append(f"| {kind or 'all'} | {phases} | {total(moved, None, kind) / 1e9:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=ALPACA, help="alpaca rows (json)")
     parser.add_argument("--set", action="append", default=[], help="a lorafit override")
     parser.add_argument("--top", type=int, default=0, help="list a layer's commonest operators")
+    parser.add_argument(
+        "--traffic", action="store_true", help="at full width: the bytes moved outside products"
+    )
+    parser.add_argument("--sequence-len", type=int, default=2048, help="with --traffic")
     args = parser.parse_args()
     data, rows = data_overrides(args)
     with tempfile.TemporaryDirectory() as output:
         depth = compose([PRESET], output).model.source.num_hidden_layers
-    one, two = (count(n, data, args.set) for n in (1, 2))
+    length = args.sequence_len if args.traffic else None
+    (one, moved_one), (two, moved_two) = (count(n, data, args.set, length) for n in (1, 2))
     layer = collections.Counter({k: two[k] - one[k] for k in one | two})
     print(f"rows: {rows}; overrides: {args.set or 'none'}\n")
     print(table(project(one, two, depth), layer, depth))
+    if args.traffic:
+        moved = project(moved_one, moved_two, depth)
+        moved_layer = collections.Counter({k: moved_two[k] - moved_one[k] for k in moved})
+        print(f"\nbytes moved outside matrix products and attention kernels, {length} tokens:")
+        print(traffic_table(moved, moved_layer, depth))
+        if args.top:
+            print(f"\na layer's {args.top} largest movers:")
+            for (phase, kind, op, sig), n in moved_layer.most_common(args.top):
+                print(f"  {n / 1e9:6.3f} GB  {phase:13s} {kind:16s} {op:18s} {sig}")
     if args.top:
         ops = collections.Counter()
         for (_, kind, op, _), n in layer.items():

@@ -69,5 +69,5 @@ def dropout_forms(request, monkeypatch):
     from lorafit.model import lora_dropout
 
     if request.param == "gpu form":
-        monkeypatch.setattr(lora_dropout, "FOUR_PASS_DEVICES", frozenset())
+        monkeypatch.setattr(lora_dropout, "CPU_FORM_DEVICES", frozenset())
     return request.param

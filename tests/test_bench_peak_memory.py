@@ -88,9 +88,10 @@ def test_a_tiny_qlora_step_grows_linearly_with_its_layers() -> None:
     # LoRA weights are fp32; gradients one fp32 tensor of each, AdamW two (and a step count).
     assert runs[1]["LoRA gradients"] == runs[1]["LoRA weights"]
     assert runs[1]["optimizer"] == pytest.approx(2 * runs[1]["LoRA weights"], rel=1e-3)
-    # Besides the embedding and output layer, a layer's two fp32 norms of 64 values.
+    # Besides the embedding and output layer, a layer's two fp32 norms of 64 values, and its
+    # 7 LoRA layers' two fp32 constants (`DropoutLinear.zero` and `one`).
     frozen = [runs[n]["other frozen weights"] for n in (1, 3)]
-    assert frozen[1] - frozen[0] == 2 * (2 * 64 * 4)
+    assert frozen[1] - frozen[0] == 2 * (2 * 64 * 4 + 7 * 2 * 4)
     # The step's own peak: a layer's checkpointed input more per layer (128 tokens x 64 fp32
     # values = 32 KiB), the transient of one recomputed layer the same for any count.
     steps = [runs[n]["step peak above"] for n in (1, 2, 3)]
@@ -106,22 +107,30 @@ def test_the_gpu_forms_give_the_same_bits_and_are_undone_after() -> None:
 
     x = torch.randn(600, 96)
     keep = (torch.rand(600, 96) < 0.9).view(torch.uint8)
-    scale = torch.ones(()) / 0.9
+    scale = (torch.ones(()) / 0.9).item()
+    zero, one = torch.full((1,), -0.0), torch.ones(1)
+    base, product = torch.randn(2, 300, 96).bfloat16().unbind()
+    original = lora_dropout.mixed_addcmul
     with peak_memory.gpu_forms():
-        assert lora_dropout.FOUR_PASS_DEVICES == frozenset()
-        assert lora_branch.dropped_as is lora_dropout.dropped_as
+        assert lora_dropout.CPU_FORM_DEVICES == frozenset()
+        assert lora_branch.mixed_addcmul is lora_dropout.mixed_addcmul is not original
         for dtype in (torch.bfloat16, torch.float32):
             expected = (x * keep.bool() * scale).to(dtype)
-            assert torch.equal(lora_branch.dropped_as(x, keep, scale, dtype), expected)
-    assert lora_dropout.FOUR_PASS_DEVICES == frozenset({"cpu"})
-    assert lora_branch.dropped_as.__module__ == "lorafit.model.lora_dropout"
+            assert torch.equal(lora_dropout.dropped_as(x, keep, scale, dtype, zero), expected)
+        grad = x.bfloat16()
+        expected = (grad * keep).float() * scale
+        assert torch.equal(lora_dropout.mixed_addcmul(zero, grad, keep, scale, x.dtype), expected)
+        expected = torch.add(base.float(), product, alpha=0.5)
+        assert torch.equal(lora_dropout.mixed_addcmul(base, product, one, 0.5, x.dtype), expected)
+    assert lora_dropout.CPU_FORM_DEVICES == frozenset({"cpu"})
+    assert lora_branch.mixed_addcmul is lora_dropout.mixed_addcmul is original
 
 
 def test_without_gpu_memory_the_gpu_forms_keep_lorafit_s_own_function() -> None:
     # bench/step_ops.py counts operators: the memory stand-in's row chunks would add some.
     from lorafit.model import lora_branch, lora_dropout
 
-    original = lora_dropout.dropped_as
+    original = lora_dropout.mixed_addcmul
     with peak_memory.gpu_forms(gpu_memory=False):
-        assert lora_dropout.FOUR_PASS_DEVICES == frozenset()
-        assert lora_branch.dropped_as is original and lora_dropout.dropped_as is original
+        assert lora_dropout.CPU_FORM_DEVICES == frozenset()
+        assert lora_branch.mixed_addcmul is original and lora_dropout.mixed_addcmul is original

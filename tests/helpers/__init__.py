@@ -101,6 +101,37 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class MovedBytes(TorchDispatchMode):
+    """Adds up the bytes the operators dispatched while it is active read and write, outside
+    matrix products, views and bare allocations: the memory traffic a GPU's elementwise passes
+    make for them (an `out=` tensor is written, not read)."""
+
+    PRODUCTS = {"mm", "addmm", "bmm", "matmul", "linear", "gemm_4bit"}
+    NO_DATA = {"empty", "empty_strided", "empty_like", "_unsafe_view"}
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        views = any(
+            r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns
+        )
+        if name not in self.PRODUCTS | self.NO_DATA and not views:
+            written = {id(t) for t in _leaves(kwargs.get("out"))}
+            tensors = [t for t in _leaves((args, kwargs)) if id(t) not in written]
+            self.n += sum(t.numel() * t.element_size() for t in tensors + _leaves(out))
+        return out
+
+
+def _leaves(value) -> list[torch.Tensor]:
+    leaves = torch.utils._pytree.tree_leaves(value)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
 def four_bit_linear(n_in: int, n_out: int, device: str = "cpu", bias: bool = False):
     """A bitsandbytes NF4 layer with random weights, quantized on `device` (bf16 compute)."""
     import bitsandbytes as bnb

@@ -183,12 +183,14 @@ CASTS = [
 def _check_dropped_as(source, target, device):
     torch.manual_seed(0)
     x = (torch.randn(64, 96) * 3).to(source).to(device)
-    scale = torch.ones(()) / (1 - 0.3)  # a CPU scalar, as `DropoutLinear.scale` makes it
+    scale = (torch.ones(()) / (1 - 0.3)).item()  # as `DropoutLinear.scale` makes it
     keep = draw_mask(x, 0.3)
     expected = (x * keep.bool() * scale).to(target)
-    got = dropped_as(x, keep, scale, target)
-    assert got.dtype == target
-    assert torch.equal(got, expected)
+    # Without and with the fp32 -0.0 that makes the one-pass form (`mixed_addcmul`).
+    for zero in (None, torch.full((1,), -0.0, device=device)):
+        got = dropped_as(x, keep, scale, target, zero)
+        assert got.dtype == target
+        assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize(("source", "target"), CASTS)
@@ -205,3 +207,15 @@ def test_on_a_gpu_the_dropped_input_is_nn_dropout_s_product_cast(source, target)
     # CUDA's kernels compute a half product in fp32 and write it in the output's dtype: fp16
     # into bf16 would round once there, where the CPU rounds into the common dtype first.
     _check_dropped_as(source, target, "cuda")
+
+
+def test_the_one_pass_constants_stay_fp32_on_the_weight_s_device_and_out_of_the_state_dict():
+    layer = DropoutLinear(nn.Linear(8, 4, bias=False), 0.1)
+    assert {k for k, _ in layer.state_dict().items()} == {"weight"}
+    layer.to(torch.bfloat16)  # a cast of the model (bf16-true precision) casts its buffers
+    assert layer.weight.dtype == torch.bfloat16
+    for constant, value in ((layer.zero, -0.0), (layer.one, 1.0)):
+        assert constant.dtype == torch.float32 and constant.shape == (1,)
+        assert constant.item() == value and str(constant.item()) == str(value)  # -0.0 kept
+    layer.to("meta")
+    assert layer.zero.device.type == layer.one.device.type == "meta"

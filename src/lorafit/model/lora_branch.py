@@ -15,11 +15,15 @@ autograd function whose losses and gradients are bit for bit peft's
 kept as one byte a value (`lora_dropout.py`). It makes autograd's operations for peft's path,
 in the same order, dtypes and layouts, but where fewer give the same bits:
 
-- the dropped input is written in the matmul's dtype as it is made (`dropped_as`: on a GPU two
-  passes over the input instead of four);
+- the dropped input is written in the matmul's dtype as it is made (`dropped_as`: on a GPU one
+  pass over an fp32 input instead of four), and kept for backward where it is narrower than
+  the input (`kept_input`), so backward does not remake it;
+- x's gradient from the branch is masked, widened and scaled in one pass on a GPU
+  (`input_grad`), and made as a tensor of its own, into which autograd adds the base layer's
+  gradient in place;
 - the base layer's output comes in bitsandbytes' compute dtype and is widened to x's dtype in
-  the add, not by bitsandbytes, so backward casts the incoming gradient to bf16 once for the
-  base layer and the branch instead of twice;
+  the add, not by bitsandbytes (on a GPU in the add's own pass, `mixed_addcmul`), so backward
+  casts the incoming gradient to bf16 once for the base layer and the branch instead of twice;
 - a scaling that is a power of two (alpha 16 and r 32, alpha 2r) is applied by the add in
   forward, and in backward to lora_B's rank-wide gradients instead of the output-wide one, as
   its products are exact: an output-wide pass fewer in each, and no output-wide tensor made
@@ -47,11 +51,16 @@ from torch import nn
 from lorafit.model.loaded_embeddings import HALF
 from lorafit.model.lora_dropout import (
     DropoutLinear,
+    InputMeta,
     draw_mask,
-    dropout_linear_grads,
     dropped_as,
+    input_grad,
+    kept_input,
+    lora_a_input,
     matmul_dtype,
     matmul_input,
+    mixed_addcmul,
+    one_pass,
 )
 
 
@@ -68,33 +77,36 @@ class _LoraBranch(torch.autograd.Function):
     had already freed it."""
 
     @staticmethod
-    def forward(ctx, x, base, weight_a, weight_b, p, scale, scaling, sum_dtype):  # noqa: ANN001, ANN205
+    def forward(ctx, x, base, weight_a, weight_b, p, scale, scaling, sum_dtype, zero, one):  # noqa: ANN001, ANN205
         dtype = matmul_dtype(x, weight_a)
         compute = matmul_input(x, weight_a)  # x as is under autocast (lora_dropout.py)
         if p > 0:
             keep = draw_mask(x, p)
-            dropped = dropped_as(compute, keep, scale, dtype)
+            dropped = dropped_as(compute, keep, scale, dtype, zero)
         else:
             keep, dropped = None, compute.to(dtype)
         # What F.linear makes of a 3-d input: a 2-d product on the folded input.
         a_cast, b_cast = weight_a.to(dtype), weight_b.to(dtype)
         hidden = dropped.reshape(-1, x.shape[-1]).mm(a_cast.t())
         product = hidden.mm(b_cast.t())
-        ctx.save_for_backward(x, keep, a_cast, b_cast, hidden)
+        ctx.save_for_backward(kept_input(x, dropped), keep, a_cast, b_cast, hidden, zero)
         ctx.scale, ctx.scaling = scale, scaling
-        ctx.compute_dtype = compute.dtype
+        ctx.x = InputMeta(x, compute.dtype)
         ctx.weight_dtypes = (weight_a.dtype, weight_b.dtype)
         ctx.branch_dtype = product.dtype
         ctx.base_dtype = base.dtype
         product = product.view(*x.shape[:-1], product.shape[-1])
         # The base output widened to the sum's dtype here rather than in bitsandbytes (its
         # cast back to x's dtype), so that backward casts the gradient once for both.
-        base = base.to(sum_dtype)
         autocast = torch.is_autocast_enabled(x.device.type)
         if _exact_scaling(scaling) and (autocast or product.dtype == sum_dtype):
             # A power of two scales exactly: the product rounded then scaled, and the add, in
-            # one pass (the add computes in fp32 at least, so nothing rounds between).
-            return torch.add(base, product, alpha=scaling)
+            # one pass (the add computes in fp32 at least, so nothing rounds between); on a
+            # GPU with the base output's widening in the same pass.
+            if sum_dtype == torch.float32 and one_pass(x.device):
+                return mixed_addcmul(base, product, one, scaling, sum_dtype)
+            return torch.add(base.to(sum_dtype), product, alpha=scaling)
+        base = base.to(sum_dtype)
         branch = product * scaling
         # peft casts the branch to the base output's dtype where no autocast runs; under
         # autocast the add promotes it, which gives the same numbers (bf16 to fp32 is exact).
@@ -104,7 +116,7 @@ class _LoraBranch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        x, keep, a_cast, b_cast, hidden = ctx.saved_tensors
+        saved, keep, a_cast, b_cast, hidden, zero = ctx.saved_tensors
         needs_x, needs_base, needs_a, needs_b = ctx.needs_input_grad[:4]
         # The branch's gradient in its dtype (what autograd gives a bf16 branch of an fp32
         # sum), the product by scaling, then lora_B's product as autograd's MmBackward makes it.
@@ -128,12 +140,13 @@ class _LoraBranch(torch.autograd.Function):
         # mask, product and casts), as autograd frees them between peft's separate nodes.
         del grad_out, grad_b_out
         # lora_A with its dropout: its gradients as lora_dropout.py computes them.
-        grad_x, grad_a = dropout_linear_grads(
-            grad_hidden, x, keep, a_cast, ctx.scale, ctx.compute_dtype, (needs_x, needs_a)
-        )
-        if grad_a is not None:
-            grad_a = grad_a.to(ctx.weight_dtypes[0])
-        return grad_x, grad_base if needs_base else None, grad_a, grad_b, None, None, None, None
+        grad_x = grad_a = None
+        if needs_x:
+            grad_x = input_grad(grad_hidden, a_cast, keep, ctx.scale, ctx.x, zero)
+        if needs_a:
+            dropped = lora_a_input(saved, keep, ctx.scale, ctx.x, grad_hidden.dtype, zero)
+            grad_a = (grad_hidden.t() @ dropped).to(ctx.weight_dtypes[0])
+        return grad_x, grad_base if needs_base else None, grad_a, grad_b, *[None] * 6
 
 
 def _exact_scaling(scaling: float) -> bool:
@@ -186,6 +199,8 @@ class FusedBranchLinear4bit(Linear4bit):
             lora_a.scale(),
             self.scaling[name],
             sum_dtype,
+            lora_a.zero,
+            lora_a.one,
         )
 
     def _half_base(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:

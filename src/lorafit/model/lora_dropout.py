@@ -4,8 +4,9 @@ peft computes `lora_B(lora_A(dropout(x)))`: autograd then keeps, for every adapt
 dropped input (4 bytes a value in fp32) for lora_A's weight gradient, besides dropout's own
 mask, although `x` itself is already kept by the layers around it. For SmolLM2-135M on a
 512-token row that is about 300 MB of a step's 1.1 GB of saved activations. Here dropout and
-lora_A are one autograd function that keeps `x` (shared, no copy) and the mask as bytes,
-and rebuilds the dropped input in backward.
+lora_A are one autograd function that keeps the mask as bytes and `x` (shared, no copy), from
+which backward remakes the dropped input; or, where the dropped input is narrower than `x`
+(bf16 under autocast from peft's fp32 stream), that input itself (`kept_input`).
 
 The mask is drawn with the very call `nn.Dropout` makes (`bernoulli_(1 - p)`, over a tensor
 shaped like `x`), so the random stream, the masks and therefore the losses are those of peft's
@@ -27,72 +28,95 @@ from torch import nn
 
 class _DropoutLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, p, scale):  # noqa: ANN001, ANN205
+    def forward(ctx, x, weight, p, scale, zero):  # noqa: ANN001, ANN205
         # The mask nn.Dropout draws: the same bernoulli_ call on the same random stream, here
         # into one byte a value. `scale` is its 1 / (1 - p) (see `DropoutLinear.scale`).
         keep = draw_mask(x, p)
         compute = matmul_input(x, weight)
         # Dropped straight into the dtype the matmul takes (autocast's cast made here).
-        out = F.linear(dropped_as(compute, keep, scale, matmul_dtype(x, weight)), weight)
-        ctx.save_for_backward(x, weight, keep)
+        dropped = dropped_as(compute, keep, scale, matmul_dtype(x, weight), zero)
+        out = F.linear(dropped, weight)
+        ctx.save_for_backward(kept_input(x, dropped), weight, keep, zero)
         ctx.scale = scale
-        ctx.compute_dtype = compute.dtype  # backward rebuilds the dropped input in it
+        ctx.x = InputMeta(x, compute.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        x, weight, keep = ctx.saved_tensors
-        grads = dropout_linear_grads(
-            grad_out.reshape(-1, grad_out.shape[-1]),  # the matmul's dtype: bf16 under autocast
-            x,
-            keep,
-            weight,
-            ctx.scale,
-            ctx.compute_dtype,
-            ctx.needs_input_grad[:2],
-        )
-        return *grads, None, None
+        saved, weight, keep, zero = ctx.saved_tensors
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1])  # the matmul's: bf16 under autocast
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = input_grad(grad_out, weight, keep, ctx.scale, ctx.x, zero)
+        if ctx.needs_input_grad[1]:
+            dropped = lora_a_input(saved, keep, ctx.scale, ctx.x, grad_out.dtype, zero)
+            grad_weight = (grad_out.t() @ dropped).to(weight.dtype)
+        return grad_x, grad_weight, None, None, None
 
 
-def dropout_linear_grads(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
+class InputMeta:
+    """What backward needs of lora_A's input x besides the tensor kept: its shape and dtype,
+    and `compute`, the dtype its dropout product is made in (x's, or the weight's where no
+    autocast casts)."""
+
+    __slots__ = ("shape", "dtype", "compute")
+
+    def __init__(self, x: torch.Tensor, compute: torch.dtype):
+        self.shape, self.dtype, self.compute = x.shape, x.dtype, compute
+
+
+def kept_input(x: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """What backward keeps to make lora_A's weight gradient: the dropped input as forward made
+    it where it is narrower than x (bf16 made from peft's fp32 stream), which then needs no
+    pass to remake it and frees x where no other layer keeps it (down_proj's MLP-wide input);
+    else x itself, which the layers reading the same input share (q, k and v: one copy)."""
+    return dropped if dropped.element_size() < x.element_size() else x
+
+
+def lora_a_input(
+    saved: torch.Tensor,
     keep: torch.Tensor | None,
+    scale: float,
+    x: InputMeta,
+    dtype: torch.dtype,
+    zero: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """lora_A's input as forward made it, folded to 2-d: kept (`kept_input`), or remade from x
+    the same way. Backward runs outside autocast, and remaking a bf16 input in the weight's
+    fp32 (three MLP-wide copies) was once the step's memory peak."""
+    if saved.dtype.itemsize < x.dtype.itemsize:  # the dropped input itself
+        return saved.reshape(-1, saved.shape[-1])
+    flat = saved.to(x.compute).reshape(-1, saved.shape[-1])
+    if keep is None:
+        return flat.to(dtype)
+    return dropped_as(flat, keep.view(flat.shape), scale, dtype, zero)
+
+
+def input_grad(
+    grad_out: torch.Tensor,
     weight: torch.Tensor,
-    scale: torch.Tensor,
-    compute_dtype: torch.dtype,
-    needs: tuple[bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The gradients of x and weight for `linear(x * keep * scale, weight)` (keep None: no
-    dropout), given the output's gradient folded to 2-d, with autograd's own products. The
-    dropped input is rebuilt as forward made it, in `compute_dtype` rounded to the matmul's:
-    backward runs outside autocast, and rebuilding a bf16 input in the weight's fp32 (three
-    MLP-wide copies) was once the step's memory peak."""
-    flat = x.to(compute_dtype).reshape(-1, x.shape[-1])
-    keep = keep.view(flat.shape) if keep is not None else None
-    grad_x = grad_weight = None
-    if needs[0]:
-        # Made in x's shape rather than viewed into it: where x has another consumer (the base
-        # layer), autograd adds the other gradient in place into a tensor it alone holds, but
-        # into a view it allocates the sum anew (for down_proj an MLP-wide fp32 tensor, at
-        # the step's memory peak).
-        grad_dropped = torch.empty(x.shape, dtype=grad_out.dtype, device=grad_out.device)
-        torch.mm(grad_out, weight.to(grad_out.dtype), out=grad_dropped.view(flat.shape))
-        if keep is not None:
-            # The mask applied before the cast, in the product's narrower dtype: a product by
-            # exactly 0 or 1 rounds nothing, so this is the cast times the mask times scale.
-            grad_dropped.view(flat.shape).mul_(keep)
-            grad_dropped = grad_dropped.to(flat.dtype).mul_(scale)
-        else:
-            grad_dropped = grad_dropped.to(flat.dtype)
-        grad_x = grad_dropped.to(x.dtype)
-    if needs[1]:  # the rebuilt input, as forward made it
-        if keep is not None:
-            dropped = dropped_as(flat, keep, scale, grad_out.dtype)
-        else:
-            dropped = flat.to(grad_out.dtype)
-        grad_weight = (grad_out.t() @ dropped).to(weight.dtype)
-    return grad_x, grad_weight
+    keep: torch.Tensor | None,
+    scale: float,
+    x: InputMeta,
+    zero: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x's gradient for `linear(x * keep * scale, weight)` (keep None: no dropout), given the
+    output's gradient folded to 2-d, with autograd's own products; with `zero` (see
+    `mixed_addcmul`) in one pass on a GPU. It is made in x's shape
+    rather than viewed into it: where x has another consumer (the base layer), autograd adds
+    the other gradient in place into a tensor it alone holds, but into a view it allocates
+    the sum anew (for down_proj an MLP-wide fp32 tensor)."""
+    grad = torch.empty(x.shape, dtype=grad_out.dtype, device=grad_out.device)
+    torch.mm(grad_out, weight.to(grad_out.dtype), out=grad.view(-1, x.shape[-1]))
+    if keep is None:
+        return grad.to(x.compute).to(x.dtype)
+    keep = keep.view(x.shape)
+    if zero is not None and x.compute == torch.float32 and one_pass(grad.device):
+        # The mask, the widening and the scale in one pass (see `dropped_as`).
+        return mixed_addcmul(zero, grad, keep, scale, torch.float32).to(x.dtype)
+    # The mask applied before the cast, in the product's narrower dtype: a product by exactly
+    # 0 or 1 rounds nothing, so this is the cast times the mask times scale.
+    return grad.mul_(keep).to(x.compute).mul_(scale).to(x.dtype)
 
 
 def draw_mask(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -104,23 +128,53 @@ def draw_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return keep.view(torch.uint8)
 
 
-# Devices where `dropped_as` takes the four passes: a CPU computes a product written in another
-# dtype through a temporary in the inputs' dtype, so the two-pass form is no faster there and
-# up to 20x slower by dtype and shape (`bench/mask_product.py`); a GPU writes it in one kernel.
-FOUR_PASS_DEVICES = frozenset({"cpu"})
+# Devices that take the CPU's forms of the operations below. A GPU kernel casts its operands
+# as it reads them and its result as it writes it, so a product of an fp32 tensor and a byte
+# mask written in bf16 is one pass; a CPU makes such an operation through temporaries in the
+# computing dtype, of the inputs' size, so there these forms are no faster and use more memory
+# (up to 20x slower by dtype and shape: `bench/mask_product.py`).
+CPU_FORM_DEVICES = frozenset({"cpu"})
+
+
+def one_pass(device: torch.device) -> bool:
+    """Whether mixed-dtype operations on `device` take their one-pass (GPU) form."""
+    return device.type not in CPU_FORM_DEVICES
+
+
+def mixed_addcmul(
+    start: torch.Tensor,
+    tensor1: torch.Tensor,
+    tensor2: torch.Tensor,
+    value: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """`start + value * tensor1 * tensor2` written in `dtype`, in one pass whatever the
+    operands' dtypes (bf16, a uint8 mask): with one operand an fp32 one-element tensor (-0.0
+    or 1.0, `DropoutLinear.zero` / `one`) the computing dtype is fp32. Multiplying by 1.0 and
+    adding -0.0 change no bit (-0.0 + y is y, signed zeros included)."""
+    shape = torch.broadcast_shapes(start.shape, tensor1.shape, tensor2.shape)
+    out = torch.empty(shape, dtype=dtype, device=tensor1.device)
+    return torch.addcmul(start, tensor1, tensor2, value=value, out=out)
 
 
 def dropped_as(
-    x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+    x: torch.Tensor,
+    keep: torch.Tensor,
+    scale: float,
+    dtype: torch.dtype,
+    zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`(x * keep * scale).to(dtype)`, the product nn.Dropout makes in x's dtype cast to the
-    matmul's, bit for bit. On a GPU in two passes over the input instead of four (mask to
-    float, two products, cast): the product by scale computed in x's dtype and rounded once
-    into `dtype`, then the mask as bytes, a product by exactly 0 or 1 that rounds nothing.
-    Where x is half and `dtype` another half (fp16 into bf16), the product is rounded to x's
-    dtype first, as the cast after it would have."""
-    if x.device.type in FOUR_PASS_DEVICES:
+    matmul's, bit for bit. On a GPU from fp32 given `zero` (see `mixed_addcmul`), in one pass
+    over the input instead of four (mask to float, two products, cast): the product by scale
+    in fp32 times the mask as bytes, rounded once into `dtype` (a product by exactly 0 or 1
+    rounds nothing). Else in two: the product rounded into `dtype`, then the mask; where x is
+    half and `dtype` another half (fp16 into bf16), the product is rounded to x's dtype first,
+    as the cast after it would have."""
+    if not one_pass(x.device):
         return keep.to(x.dtype).mul_(x).mul_(scale).to(dtype)
+    if x.dtype == torch.float32 and zero is not None:
+        return mixed_addcmul(zero, x, keep, scale, dtype)
     if x.dtype not in (dtype, torch.float32):
         return (x * scale).to(dtype).mul_(keep)
     out = torch.mul(x, scale, out=torch.empty(x.shape, dtype=dtype, device=x.device))
@@ -149,22 +203,37 @@ class DropoutLinear(nn.Linear):
         super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
         self.weight = linear.weight
         self.p = p
-        self._scales: dict[torch.dtype, torch.Tensor] = {}
+        self._scales: dict[torch.dtype, float] = {}
+        self.scale()
+        # -0.0 and 1.0 as fp32 one-element tensors on the weight's device, moving with it: the
+        # operands that make the one-pass forms compute in fp32 (`mixed_addcmul`). Buffers,
+        # so that a compiler finds them made; not state, so out of the state dict.
+        device = linear.weight.device
+        self.register_buffer("zero", torch.full((1,), -0.0, device=device), persistent=False)
+        self.register_buffer("one", torch.ones(1, device=device), persistent=False)
 
-    def scale(self) -> torch.Tensor:
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
+        # A cast of the module (`.half()`, bf16-true precision) casts floating buffers too;
+        # these two stay fp32, exact in any float dtype, so nothing is lost.
+        super()._apply(fn, recurse)
+        self.zero, self.one = self.zero.float(), self.one.float()
+        return self
+
+    def scale(self) -> float:
         """1 / (1 - p) computed as nn.Dropout computes it, in the adapter's dtype, made once (two
-        host operations a call saved). It stays a CPU scalar: multiplying a bf16 tensor by it
-        is done in fp32 and rounded once, as peft's fp32 product cast to bf16 is, where a scale
-        cast to bf16 would already be off in its third digit."""
+        host operations a call saved), for the weight's dtype at creation before any compiler
+        traces a call. A Python number: multiplying a bf16 tensor by it is done in fp32 and
+        rounded once, as peft's fp32 product cast to bf16 is, where a scale cast to bf16 would
+        already be off in its third digit."""
         dtype = self.weight.dtype
         if dtype not in self._scales:
-            self._scales[dtype] = torch.ones((), dtype=dtype, device="cpu") / (1 - self.p)
+            self._scales[dtype] = (torch.ones((), dtype=dtype, device="cpu") / (1 - self.p)).item()
         return self._scales[dtype]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return F.linear(matmul_input(x, self.weight), self.weight)
-        return _DropoutLinear.apply(x, self.weight, self.p, self.scale())
+        return _DropoutLinear.apply(x, self.weight, self.p, self.scale(), self.zero)
 
 
 def fuse_lora_dropout(model: nn.Module) -> int:
