@@ -139,7 +139,9 @@ class LiveTensors(TorchDispatchMode):
     """Follows the storage of every tensor an op returns until it is freed (a weak reference's
     callback), with the op and shape that made it; at each new peak of their sum the largest
     live ones are noted. Slower than the profiler and blind to what kernels allocate inside,
-    so it explains the peak rather than measures it."""
+    so it explains the peak rather than measures it. While a dispatch mode is active autograd
+    sums the gradients of a tensor with several consumers into a new tensor rather than into
+    one of them in place, so this may list a sum a plain run does not make."""
 
     def __init__(self, keep: int = 12):
         super().__init__()

@@ -30,10 +30,12 @@ attention kernel, those passes are bound by the GPU's memory bandwidth: on the H
 tokens, casts and elementwise passes took over half of the GPU's time. The sum is the traffic
 an eager GPU step makes for them, caches aside.
 
-Where lorafit picks a form by device (LoRA dropout), the GPU's is counted (`fit_preset`).
-Differs from a CUDA run: the attention kernel (on a CPU `sdpa_packed` attends each packed
-example in a call of its own, on CUDA one varlen call a row; so `attention` grows with the
-examples a row here), and the optimizer (torch's AdamW here, bitsandbytes' paged AdamW on CUDA,
+Where lorafit picks a form by device (the LoRA branch's one-pass forms), the GPU's is counted
+(`fit_preset`). Differs from a CUDA run: the attention kernel (on a CPU `sdpa_packed` attends
+each packed example in a call of its own, on CUDA one varlen call a row; so `attention` grows
+with the examples a row here, and its traffic with the slices of each example and the sums of
+their gradients), bitsandbytes' kernels (the same operators, other internals), and the
+optimizer (torch's AdamW here, bitsandbytes' paged AdamW on CUDA,
 one kernel a tensor). The rest is the same code on either device.
 """
 
@@ -287,8 +289,8 @@ def traffic_table(moved: collections.Counter, layer: collections.Counter, depth:
         )
 
     lines = [
-        f"| kind | a layer: {' | '.join(PHASES)} (GB) | {depth} layers: a step (GB) |",
-        "| --- | --- | --- |",
+        f"| kind (GB) | a layer: {' | '.join(PHASES)} | {depth} layers: a step |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for kind in [*KINDS, None]:
         phases = " | ".join(f"{total(layer, phase, kind) / 1e9:.3f}" for phase in PHASES)

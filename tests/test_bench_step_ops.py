@@ -106,3 +106,35 @@ def test_one_layer_s_count_projects_linearly() -> None:
     projected = step_ops.project(one, two, 32)
     assert projected[("forward", "norm", "mul")] == 3 + 2 * 31
     assert projected[("forward", "optimizer", "add")] == 5 + 2 * 31
+
+
+def test_bytes_moved_count_each_read_and_write_once() -> None:
+    a, out = torch.ones(4, 8), torch.empty(4, 8)
+    b = torch.ones(4, 8, dtype=torch.bfloat16)
+    # An out= tensor is written, not read.
+    reads, writes = step_ops.moved("mul", (a, b), {"out": out}, out)
+    assert (reads, writes) == ([a, b], [out])
+    assert step_ops.signature(reads, writes) == "float32,bfloat16->float32"
+    # In place: the first input read and written.
+    reads, writes = step_ops.moved("mul_", (a, b), {}, a)
+    assert (reads, writes) == ([a, b], [a])
+    # An overwrite does not read what it overwrites.
+    reads, writes = step_ops.moved("copy_", (out, a), {}, out)
+    assert (reads, writes) == ([a], [out])
+    assert step_ops.is_product("mm") and step_ops.is_product("gemm_4bit")
+    assert step_ops.is_product("_scaled_dot_product_flash_attention_for_cpu_backward")
+    assert not step_ops.is_product("mul") and not step_ops.is_product("addcmul")
+
+
+def test_the_counter_adds_up_the_bytes_of_a_step() -> None:
+    torch.manual_seed(0)
+    model = get_peft_model(Toy(), LoraConfig(r=4, target_modules=["proj"]))
+    x = torch.randn(3, 16, requires_grad=True)
+    counter = step_ops.OpCounter(model)
+    _step(model, x, counter)
+    counter.remove()
+    moved = counter.moved
+    # The norm's forward product: x and its weight read, the product written (fp32).
+    assert moved[("forward", "norm", "mul", "float32,float32->float32")] == (48 + 16 + 48) * 4
+    assert all(not step_ops.is_product(op) for (_, _, op, _) in moved)
+    assert sum(moved.values()) > 0
