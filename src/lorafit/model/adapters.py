@@ -16,6 +16,7 @@ from lorafit.model.autocast_outputs import return_autocast_dtype
 from lorafit.model.loaded_embeddings import keep_embeddings_as_loaded
 from lorafit.model.lora_branch import add_updates_in_fp32, fuse_lora_branches
 from lorafit.model.lora_dropout import fuse_lora_dropout
+from lorafit.model.rms_norm import fuse_rms_norm
 from lorafit.model.swiglu import fuse_swiglu
 
 # Peft's shorthand for "every nn.Linear but the output head": Axolotl's lora_target_linear.
@@ -152,6 +153,7 @@ class LoraAdapter:
         fuse_lora_dropout(adapted)  # same masks and losses, less kept for backward
         fuse_lora_branches(adapted)  # 4-bit layers: the same numbers in fewer operators
         fuse_swiglu(adapted)  # the same numbers, one MLP-wide tensor less kept a layer
+        fuse_rms_norm(adapted)  # fp32 norms: the same numbers in fewer backward passes
         if self.autocast_outputs and self.bits == 4:
             return_autocast_dtype(adapted)
         elif self.fp32_lora_add and self.upcast_unquantized:
