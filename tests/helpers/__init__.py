@@ -62,6 +62,29 @@ def packed_test_module(
     return module
 
 
+def tiny_qlora_grads(unfused: tuple[type, int] | None = None) -> list[torch.Tensor]:
+    """The loss and LoRA gradients of one batch through the tiny QLoRA model as the canonical
+    job runs it (peft's fp32 stream, dropout, checkpointed layers, bf16 autocast). With
+    `unfused` (a transformers class, how many modules of it the model has), those modules,
+    switched by lorafit to a subclass, are first put back to the class itself."""
+    module = packed_test_module(
+        checkpointing=True, overrides=("adapter=qlora", "adapter.dropout=0.3")
+    ).train()
+    if unfused is not None:
+        cls, count = unfused
+        found = [m for m in module.model.modules() if type(m).__name__ == cls.__name__]
+        assert len(found) == count and all(type(m) is not cls for m in found)  # fused
+        for m in found:
+            m.__class__ = cls
+    ids = torch.randint(3, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "position_ids": torch.arange(32)[None], "labels": ids}
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = module._loss_sum(batch)
+    lora = [p for p in module.parameters() if p.requires_grad]
+    return [loss, *torch.autograd.grad(loss, lora)]
+
+
 def configure_as_fit_does(module, device: str = "cpu") -> None:
     """`module.configure_model()` as `trainer.fit` calls it: the training-only options
     (`model.liger_kernels`, `model.compile`) apply. The stand-in holds what the hook reads of

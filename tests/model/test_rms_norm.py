@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 
-from helpers import MovedBytes, assert_bitwise_equal, packed_test_module
+from helpers import MovedBytes, assert_bitwise_equal, tiny_qlora_grads
 from lorafit.model.rms_norm import _RMSNorm, fuse_rms_norm
 
 
@@ -110,21 +110,4 @@ def test_norms_it_does_not_know_are_left_alone():
 
 def test_the_qlora_model_trains_the_same_with_and_without_it():
     # peft's fp32 stream over a 4-bit base, checkpointed layers, bf16 autocast, dropout
-    def run(fused: bool):
-        module = packed_test_module(
-            checkpointing=True, overrides=("adapter=qlora", "adapter.dropout=0.3")
-        ).train()
-        norms = [m for m in module.model.modules() if type(m).__name__ == "MistralRMSNorm"]
-        assert len(norms) == 5 and all(type(m) is not MistralRMSNorm for m in norms)  # fused
-        if not fused:
-            for norm in norms:
-                norm.__class__ = MistralRMSNorm
-        ids = torch.randint(3, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
-        batch = {"input_ids": ids, "position_ids": torch.arange(32)[None], "labels": ids}
-        torch.manual_seed(1)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, count = module._loss_sum(batch)
-        lora = [p for p in module.parameters() if p.requires_grad]
-        return [loss, *torch.autograd.grad(loss, lora)]
-
-    assert_bitwise_equal(run(True), run(False))
+    assert_bitwise_equal(tiny_qlora_grads(), tiny_qlora_grads(unfused=(MistralRMSNorm, 5)))

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import MistralConfig
 from transformers.models.mistral.modeling_mistral import MistralMLP
 
-from helpers import assert_bitwise_equal, packed_test_module
+from helpers import assert_bitwise_equal, tiny_qlora_grads
 from lorafit.model.swiglu import _SwiGLU, fuse_swiglu
 
 
@@ -67,26 +67,7 @@ def test_one_mlp_wide_tensor_less_is_kept_for_backward():
 
 def test_the_lora_model_trains_the_same_with_and_without_it():
     # peft's LoRA layers inside the MLP (dropout on), checkpointed layers, bf16 autocast
-    def run(fused: bool):
-        module = packed_test_module(
-            checkpointing=True, overrides=("adapter=qlora", "adapter.dropout=0.3")
-        ).train()
-        mlps = [m for m in module.model.modules() if type(m).__name__ == "MistralMLP"]
-        assert len(mlps) == 2 and all(type(m) is not MistralMLP for m in mlps)  # fused
-        if not fused:
-            for mlp in mlps:
-                mlp.__class__ = MistralMLP
-        ids = torch.randint(3, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
-        batch = {"input_ids": ids, "position_ids": torch.arange(32)[None], "labels": ids}
-        torch.manual_seed(1)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, count = module._loss_sum(batch)
-        lora = [p for p in module.parameters() if p.requires_grad]
-        return loss, torch.autograd.grad(loss, lora)
-
-    loss, grads = run(False)
-    fused_loss, fused_grads = run(True)
-    assert_bitwise_equal([fused_loss, *fused_grads], [loss, *grads])
+    assert_bitwise_equal(tiny_qlora_grads(), tiny_qlora_grads(unfused=(MistralMLP, 2)))
 
 
 def test_mlps_it_does_not_know_are_left_alone():

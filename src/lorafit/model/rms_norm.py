@@ -20,11 +20,10 @@ quantized base); any other dtype, a trained weight, or no gradient takes the ori
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 from torch import nn
+
+from lorafit.model.forward_swap import swap_forwards
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -62,8 +61,6 @@ def _forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     return _RMSNorm.apply(hidden_states, hidden_states, weight, self.variance_epsilon)
 
 
-_SWAPPED: dict[type, type] = {}
-
 # The lines of the norms replaced: any other forward is left as it is.
 PLAIN = """        input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
@@ -72,31 +69,7 @@ PLAIN = """        input_dtype = hidden_states.dtype
         return self.weight * hidden_states.to(input_dtype)"""
 
 
-@functools.cache
-def _computes_plain_rms_norm(cls: type) -> bool:
-    try:
-        return PLAIN in inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-
-
-def _is_plain_rms_norm(module: nn.Module) -> bool:
-    return (
-        type(module).__module__.startswith("transformers.models.")
-        and "forward" not in vars(module)  # Liger's, set on the instance
-        and _computes_plain_rms_norm(type(module))
-    )
-
-
 def fuse_rms_norm(model: nn.Module) -> int:
     """Switch each transformers RMSNorm to the same class with `_RMSNorm` for its fp32 training
     forward (same state, same state dict); returns how many."""
-    fused = 0
-    for module in model.modules():
-        if _is_plain_rms_norm(module):
-            cls = type(module)
-            if cls not in _SWAPPED:
-                _SWAPPED[cls] = type(cls.__name__, (cls,), {"forward": _forward})
-            module.__class__ = _SWAPPED[cls]
-            fused += 1
-    return fused
+    return swap_forwards(model, _forward, PLAIN)

@@ -16,13 +16,12 @@ instance (Liger's SwiGLU) or whose activation is not SiLU keep theirs.
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import SiLUActivation
+
+from lorafit.model.forward_swap import swap_forwards
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -71,7 +70,6 @@ def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(_SwiGLU.apply(gate, self.up_proj(x)))
 
 
-_SWAPPED: dict[type, type] = {}
 SILU = (nn.SiLU, SiLUActivation)  # what transformers' "silu" and "swish" build
 
 
@@ -79,32 +77,9 @@ SILU = (nn.SiLU, SiLUActivation)  # what transformers' "silu" and "swish" build
 PLAIN = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
 
 
-@functools.cache
-def _computes_plain_swiglu(cls: type) -> bool:
-    try:
-        return PLAIN in inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-
-
-def _is_plain_swiglu(module: nn.Module) -> bool:
-    return (
-        type(module).__module__.startswith("transformers.models.")
-        and type(getattr(module, "act_fn", None)) in SILU
-        and "forward" not in vars(module)  # Liger's, set on the instance
-        and _computes_plain_swiglu(type(module))
-    )
-
-
 def fuse_swiglu(model: nn.Module) -> int:
     """Switch each transformers SwiGLU MLP to the same class with `_SwiGLU` for its product
     (same state, same state dict); returns how many."""
-    fused = 0
-    for module in model.modules():
-        if _is_plain_swiglu(module):
-            cls = type(module)
-            if cls not in _SWAPPED:
-                _SWAPPED[cls] = type(cls.__name__, (cls,), {"forward": _forward})
-            module.__class__ = _SWAPPED[cls]
-            fused += 1
-    return fused
+    return swap_forwards(
+        model, _forward, PLAIN, lambda module: type(getattr(module, "act_fn", None)) in SILU
+    )
