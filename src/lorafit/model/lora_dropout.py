@@ -102,10 +102,10 @@ def input_grad(
 ) -> torch.Tensor:
     """x's gradient for `linear(x * keep * scale, weight)` (keep None: no dropout), given the
     output's gradient folded to 2-d, with autograd's own products; with `zero` (see
-    `mixed_addcmul`) in one pass on a GPU. It is made in x's shape
-    rather than viewed into it: where x has another consumer (the base layer), autograd adds
-    the other gradient in place into a tensor it alone holds, but into a view it allocates
-    the sum anew (for down_proj an MLP-wide fp32 tensor)."""
+    `mixed_addcmul`) in one pass on a GPU. It is made in x's shape rather than viewed into it:
+    where x has another consumer (the base layer), autograd adds the other gradient in place
+    into a tensor it alone holds, but into a view it allocates the sum anew (for down_proj an
+    MLP-wide fp32 tensor)."""
     grad = torch.empty(x.shape, dtype=grad_out.dtype, device=grad_out.device)
     torch.mm(grad_out, weight.to(grad_out.dtype), out=grad.view(-1, x.shape[-1]))
     if keep is None:
@@ -208,15 +208,18 @@ class DropoutLinear(nn.Linear):
         # -0.0 and 1.0 as fp32 one-element tensors on the weight's device, moving with it: the
         # operands that make the one-pass forms compute in fp32 (`mixed_addcmul`). Buffers,
         # so that a compiler finds them made; not state, so out of the state dict.
-        device = linear.weight.device
-        self.register_buffer("zero", torch.full((1,), -0.0, device=device), persistent=False)
-        self.register_buffer("one", torch.ones(1, device=device), persistent=False)
+        self.register_buffer("zero", self._constant(-0.0, linear.weight), persistent=False)
+        self.register_buffer("one", self._constant(1.0, linear.weight), persistent=False)
+
+    @staticmethod
+    def _constant(value: float, like: torch.Tensor) -> torch.Tensor:
+        return torch.full((1,), value, dtype=torch.float32, device=like.device)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
-        # A cast of the module (`.half()`, bf16-true precision) casts floating buffers too;
-        # these two stay fp32, exact in any float dtype, so nothing is lost.
+        # A cast of the module (`.half()`, bf16-true precision) casts floating buffers too, and
+        # `to_empty` leaves them unset: the two are made again where they now are.
         super()._apply(fn, recurse)
-        self.zero, self.one = self.zero.float(), self.one.float()
+        self.zero, self.one = self._constant(-0.0, self.zero), self._constant(1.0, self.one)
         return self
 
     def scale(self) -> float:
