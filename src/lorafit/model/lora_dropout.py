@@ -151,9 +151,9 @@ def mixed_addcmul(
     """`start + value * tensor1 * tensor2` written in `dtype`, in one pass whatever the
     operands' dtypes (bf16, a uint8 mask): with one operand an fp32 one-element tensor (-0.0
     or 1.0, `DropoutLinear.zero` / `one`) the computing dtype is fp32. Multiplying by 1.0 and
-    adding -0.0 change no bit (-0.0 + y is y, signed zeros included)."""
-    shape = torch.broadcast_shapes(start.shape, tensor1.shape, tensor2.shape)
-    out = torch.empty(shape, dtype=dtype, device=tensor1.device)
+    adding -0.0 change no bit (-0.0 + y is y, signed zeros included). tensor1 has the result's
+    shape (`torch.broadcast_shapes` would cost the host tens of microseconds a call)."""
+    out = torch.empty(tensor1.shape, dtype=dtype, device=tensor1.device)
     return torch.addcmul(start, tensor1, tensor2, value=value, out=out)
 
 
