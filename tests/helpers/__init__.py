@@ -125,34 +125,28 @@ class CountOps(TorchDispatchMode):
 
 
 class MovedBytes(TorchDispatchMode):
-    """Adds up the bytes the operators dispatched while it is active read and write, outside
-    matrix products, views and bare allocations: the memory traffic a GPU's elementwise passes
-    make for them (an `out=` tensor is written, not read)."""
-
-    PRODUCTS = {"mm", "addmm", "bmm", "matmul", "linear", "gemm_4bit"}
-    NO_DATA = {"empty", "empty_strided", "empty_like", "_unsafe_view"}
+    """Adds up the bytes the operators dispatched while it is active read and write outside
+    matrix products, as `bench/step_ops.py --traffic` counts them: the memory traffic a GPU's
+    elementwise passes make for them."""
 
     def __init__(self):
         super().__init__()
+        import sys
+
+        sys.path.insert(0, str(ROOT / "bench"))
+        import step_ops
+
+        self.step_ops = step_ops
         self.n = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
-        views = any(
-            r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns
-        )
-        if name not in self.PRODUCTS | self.NO_DATA and not views:
-            written = {id(t) for t in _leaves(kwargs.get("out"))}
-            tensors = [t for t in _leaves((args, kwargs)) if id(t) not in written]
-            self.n += sum(t.numel() * t.element_size() for t in tensors + _leaves(out))
+        if self.step_ops.launches(func) and not self.step_ops.is_product(name):
+            reads, writes = self.step_ops.moved(name, args, kwargs, out)
+            self.n += sum(t.numel() * t.element_size() for t in reads + writes)
         return out
-
-
-def _leaves(value) -> list[torch.Tensor]:
-    leaves = torch.utils._pytree.tree_leaves(value)
-    return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 
 def four_bit_linear(n_in: int, n_out: int, device: str = "cpu", bias: bool = False):

@@ -70,7 +70,7 @@ def kept_input(x: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
     it where it is narrower than x (bf16 made from peft's fp32 stream), which then needs no
     pass to remake it and frees x where no other layer keeps it (down_proj's MLP-wide input);
     else x itself, which the layers reading the same input share (q, k and v: one copy)."""
-    return dropped if dropped.element_size() < x.element_size() else x
+    return dropped if dropped.dtype.itemsize < x.dtype.itemsize else x
 
 
 def lora_a_input(
@@ -84,7 +84,7 @@ def lora_a_input(
     """lora_A's input as forward made it, folded to 2-d: kept (`kept_input`), or remade from x
     the same way. Backward runs outside autocast, and remaking a bf16 input in the weight's
     fp32 (three MLP-wide copies) was once the step's memory peak."""
-    if saved.dtype.itemsize < x.dtype.itemsize:  # the dropped input itself
+    if saved.dtype.itemsize < x.dtype.itemsize:  # kept_input's choice: the dropped input
         return saved.reshape(-1, saved.shape[-1])
     flat = saved.to(x.compute).reshape(-1, saved.shape[-1])
     if keep is None:
