@@ -406,6 +406,19 @@ def run_trl(spec: dict, cfg, meter: StepMeter, output_dir: str) -> None:
 # ---------------------------------------------------------------- entry point
 
 
+def _fill_model_cache(cfg) -> None:
+    """Build or convert the base model into lorafit's cache first, so that the peak "with the
+    load" is loading's: a random 7B's build (14.5 GB of bf16 drawn on the GPU, once a machine)
+    reads 13.5 GiB otherwise, and only in the first variant to run."""
+    import torch
+    from hydra.utils import instantiate
+
+    source = instantiate(cfg.model.source)
+    if hasattr(source, "prepare"):
+        source.prepare()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     import torch
@@ -420,6 +433,8 @@ def main() -> None:
     if spec["kind"] == "lorafit-unpacked":
         batch = [f"data.batch_size={batch_size}", f"data.micro_batch_size={batch_size}"]
         cfg = compose([*spec["overrides"], *batch], output_dir)
+    if cuda:
+        _fill_model_cache(cfg)
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
     kind = spec["kind"]

@@ -182,3 +182,25 @@ def test_a_spent_budget_starts_no_further_variant(monkeypatch, tmp_path: Path) -
     status = {v["key"]: (v["status"], v["note"]) for v in json.loads(out.read_text())["variants"]}
     assert status["hf-padded"] == ("skipped", "not started: 90 s spent")
     assert status["lorafit-packed"][0] == status["hf-flat"][0] == "ok"
+
+
+def test_a_gpu_worker_builds_the_random_model_before_its_peaks_count(monkeypatch, tmp_path):
+    """On an H200 the first variant read 13.5 GiB "with the load" at 2048 tokens where the
+    others read their training peak: building the random 7B (bf16, on the GPU) into the cache.
+    The worker fills the cache first and starts the peak after it."""
+    import torch
+
+    monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path / "cache"))
+    spec = importlib.util.spec_from_file_location("peer_worker", ROOT / "bench" / "peer_worker.py")
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    resets = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: resets.append(1))
+    cfg = compose_config(["model=tiny_mistral", "model.source.seed=7"])
+    worker._fill_model_cache(cfg)
+    built = list((tmp_path / "cache" / "models").iterdir())
+    assert len(built) == 1 and (built[0] / "config.json").is_file()
+    assert resets == [1]
+    from hydra.utils import instantiate
+
+    assert instantiate(cfg.model.source).prepare() == built[0]  # found, not built again

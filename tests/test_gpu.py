@@ -174,16 +174,23 @@ def test_generate_cli_answers(qlora_7b_run, tmp_path):
 
 @pytest.mark.gpu_cli
 def test_export_cli_merges_and_passes_its_fidelity_check(qlora_7b_run, tmp_path):
+    # In fp32: six steps from lora_B = 0 leave updates mostly under half a bf16 step of the
+    # weights they add to, so a bf16 merge drops them. On an H200 the bf16 export's check
+    # failed as it should (loss 11.24 merged against 11.03 with the adapter, KL 3.8e-3).
     merged = tmp_path / "merged"
     status, wall, output = _cli(
-        "export.py", f"ckpt={qlora_7b_run['out']}", f"export.output_dir={merged}", out=tmp_path
+        "export.py",
+        f"ckpt={qlora_7b_run['out']}",
+        f"export.output_dir={merged}",
+        "export.dtype=float32",
+        out=tmp_path,
     )
     assert status == 0, output[-3000:]
     fidelity = json.loads((merged / "fidelity.json").read_text())
     assert fidelity["kl_mean"] < 0.01 and fidelity["loss_delta"] < 0.01
     assert json.loads((merged / "config.json").read_text())["num_hidden_layers"] >= 1
     _record("qlora_7b_export", {"export_wall_s": wall, **fidelity})
-    for file in merged.glob("*.safetensors"):  # 14.5 GB at full size
+    for file in merged.glob("*.safetensors"):  # 29 GB at full size
         file.unlink()
 
 

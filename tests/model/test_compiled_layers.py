@@ -85,3 +85,38 @@ def test_the_gpu_s_one_pass_forms_compile_without_graph_breaks(monkeypatch):
         results.append([loss, *torch.autograd.grad(loss, [x])])
     torch._dynamo.reset()
     torch.testing.assert_close(results[1], results[0], rtol=1e-3, atol=0)
+
+
+def test_the_compiled_branch_reinterprets_no_bool_as_bytes(monkeypatch):
+    """The dropout mask was drawn as bool and viewed as uint8: Inductor's CPU backend compiles
+    that view, its Triton backend (a GPU's) did not, and `model.compile` failed on an H200. The
+    graphs the compiler receives, forward and backward, hold no dtype view at all."""
+    import sys
+    from pathlib import Path
+
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from lorafit.model import lora_dropout
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_lora_branch import _model
+
+    monkeypatch.setattr(lora_dropout, "CPU_FORM_DEVICES", frozenset())
+    graphs = []
+
+    def keep(graph, _inputs):
+        graphs.append(graph)
+        return make_boxed_func(graph.forward)
+
+    down = _model(0.3, True).base_model.model.down
+    x = torch.randn(2, 7, 128, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(down, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled(x).float().square().sum().backward()
+    torch._dynamo.reset()
+    assert len(graphs) == 2  # forward and backward
+    targets = {node.target for graph in graphs for node in graph.graph.nodes}
+    assert torch.ops.aten.bernoulli_.float in targets or torch.ops.aten.bernoulli.p in targets
+    assert torch.ops.aten.view.dtype not in targets

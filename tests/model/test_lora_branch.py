@@ -1,7 +1,9 @@
 """The LoRA branch of 4-bit layers as one autograd function gives peft's losses and gradients
 bit for bit (fp32, bf16 autocast, fp32 or bf16 activations, with and without dropout, under
 checkpointing), dispatches fewer operators, and leaves other states to peft's forward. With
-`adapter.fp32_lora_add` a bf16 base output takes the update in fp32, in training and eval."""
+`adapter.fp32_lora_add` a bf16 base output takes the update in fp32, in training and eval.
+On CUDA, where nn.Dropout draws other masks (lora_dropout's docstring), peft's path is given
+the branch's masks."""
 
 from __future__ import annotations
 
@@ -18,12 +20,13 @@ from helpers import (
     four_bit_linear,
     packed_test_module,
 )
+from lorafit.model import lora_branch
 from lorafit.model.lora_branch import (
     FusedBranchLinear4bit,
     add_updates_in_fp32,
     fuse_lora_branches,
 )
-from lorafit.model.lora_dropout import fuse_lora_dropout
+from lorafit.model.lora_dropout import draw_mask, fuse_lora_dropout
 
 # Each test with dropout's CPU form and its GPU form (conftest.py).
 pytestmark = pytest.mark.usefixtures("dropout_forms")
@@ -71,15 +74,51 @@ def _run(model, x, seed):
     return loss, torch.autograd.grad(loss, [x, *lora])
 
 
-def _compare(autocast, activations, p, checkpointed, device="cpu", alpha=16):
+class _SameMasks:
+    """Hands peft's dropout the masks the branch drew. On a GPU nn.Dropout draws its masks in
+    its own kernel, in another order than the branch's `bernoulli_`, so seeds alone no longer
+    pair the two paths' masks. peft's dropout here applies the mask the branch last drew for
+    an input of its shape (up's and down's differ; a checkpoint's recomputation redraws the
+    same one) as nn.Dropout applies its own on a CPU."""
+
+    def __init__(self, monkeypatch, p: float, reorder=lambda mask: mask):
+        self.p = p
+        self.masks: dict[tuple[int, ...], torch.Tensor] = {}
+        self.replayed = 0
+
+        def draw(x, p):
+            self.masks[tuple(x.shape)] = mask = reorder(draw_mask(x, p))
+            return mask
+
+        monkeypatch.setattr(lora_branch, "draw_mask", draw)
+
+    def give_to(self, model: nn.Module) -> None:
+        masks = self
+
+        class Replay(nn.Module):
+            def forward(self, x):
+                masks.replayed += 1
+                noise = masks.masks[tuple(x.shape)].to(x.dtype).div_(1 - masks.p)
+                return x * noise
+
+        for module in model.modules():
+            if isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict):
+                module.lora_dropout["default"] = Replay()
+
+
+def _compare(autocast, activations, p, checkpointed, device="cpu", alpha=16, same_masks=None):
     peft_model = _model(p, False, checkpointed, device, alpha)
     fused = _model(p, True, checkpointed, device, alpha)
+    if same_masks:
+        same_masks.give_to(peft_model)
     x = torch.randn(2, 7, 64, dtype=activations, device=device, requires_grad=True)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         for seed in (1, 2):
+            fused_loss, fused_grads = _run(fused, x, seed)  # first: peft's may take its masks
             loss, grads = _run(peft_model, x, seed)
-            fused_loss, fused_grads = _run(fused, x, seed)
             assert_bitwise_equal([fused_loss, *fused_grads], [loss, *grads])
+    if same_masks:  # both layers, both seeds: peft drew none of its own
+        assert same_masks.replayed >= 4
     if p:  # other seeds draw other masks: dropout applies
         assert not torch.equal(_run(fused, x, 1)[0], _run(fused, x, 2)[0])
 
@@ -108,9 +147,19 @@ def test_a_scaling_not_a_power_of_two_is_multiplied_as_peft_does(autocast, activ
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("activations", [torch.float32, torch.bfloat16])
-def test_on_a_gpu_the_branch_gives_peft_s_losses_and_gradients(activations):
-    # cuBLAS and bitsandbytes' CUDA kernels, CUDA's random stream, under bf16 autocast.
-    _compare(True, activations, 0.3, True, "cuda")
+def test_on_a_gpu_the_branch_gives_peft_s_losses_and_gradients(activations, monkeypatch):
+    # cuBLAS and bitsandbytes' CUDA kernels under bf16 autocast, the same masks on both paths.
+    _compare(True, activations, 0.3, True, "cuda", same_masks=_SameMasks(monkeypatch, 0.3))
+
+
+@pytest.mark.parametrize(("autocast", "activations"), PRECISIONS)
+def test_given_the_branch_s_masks_peft_s_path_computes_the_same_numbers(
+    autocast, activations, monkeypatch
+):
+    """The GPU test's pairing of masks, on the CPU with the branch's masks drawn in another
+    order than nn.Dropout's, as on a GPU."""
+    flipped = _SameMasks(monkeypatch, 0.3, reorder=lambda mask: mask.flip(-1))
+    _compare(autocast, activations, 0.3, True, same_masks=flipped)
 
 
 def test_the_branch_dispatches_fewer_operators():

@@ -152,24 +152,49 @@ def test_on_a_gpu_the_layer_inputs_leave_device_memory():
     }
     left = {}
     results = {}
-    for name, hooks in (("plain", None), ("offloaded", HostOffload(list(module.parameters())))):
-        module.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        with torch.autocast("cuda", dtype=torch.bfloat16), hooks or contextlib.nullcontext():
-            loss, _ = module._loss_sum(batch)
-        torch.cuda.synchronize()
-        left[name] = torch.cuda.memory_allocated() - before
-        loss.backward()
-        results[name] = (
-            loss.detach(),
-            {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad},
-        )
+    runs = {"plain": None, "plain again": None, "offloaded": HostOffload(list(module.parameters()))}
+    with _deterministic():
+        for name, hooks in runs.items():
+            module.zero_grad(set_to_none=True)
+            torch.manual_seed(0)
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            with torch.autocast("cuda", dtype=torch.bfloat16), hooks or contextlib.nullcontext():
+                loss, _ = module._loss_sum(batch)
+            torch.cuda.synchronize()
+            left[name] = torch.cuda.memory_allocated() - before
+            loss.backward()
+            results[name] = (
+                loss.detach(),
+                [p.grad.clone() for p in module.parameters() if p.requires_grad],
+            )
     # 4 layers x 4096 tokens x 512 bf16 values: 16 MiB kept on the device without offloading.
     assert left["plain"] - left["offloaded"] >= 0.9 * 4 * tokens * 512 * 2
     assert torch.equal(results["offloaded"][0], results["plain"][0])
-    for name, grad in results["offloaded"][1].items():
-        assert torch.equal(grad, results["plain"][1][name]), name
+    # On an H200 two plain runs gave other gradients (the same loss): some CUDA backward kernels
+    # sum with atomics where no deterministic form exists. The offloaded run may part from the
+    # plain one no further than a second plain run does: bit for bit where backward repeats
+    # itself. A layer recomputed from a wrong input (the bug once found here) parts by far more.
+    noise = _distance(results["plain again"][1], results["plain"][1])
+    assert _distance(results["offloaded"][1], results["plain"][1]) <= 3 * noise
+
+
+@contextlib.contextmanager
+def _deterministic():
+    """torch's deterministic kernels where they exist (a warning where not)."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return math.sqrt(
+        sum(float((x.float() - y.float()).square().sum()) for x, y in zip(a, b, strict=True))
+    )
 
 
 def test_a_new_tensor_at_a_dead_tensors_address_gets_its_own_copy():

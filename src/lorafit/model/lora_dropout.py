@@ -8,9 +8,13 @@ lora_A are one autograd function that keeps the mask as bytes and `x` (shared, n
 which backward remakes the dropped input; or, where the dropped input is narrower than `x`
 (bf16 under autocast from peft's fp32 stream), that input itself (`kept_input`).
 
-The mask is drawn with the very call `nn.Dropout` makes (`bernoulli_(1 - p)`, over a tensor
-shaped like `x`), so the random stream, the masks and therefore the losses are those of peft's
-own path: same seed, same numbers (`tests/model/test_lora_dropout.py`).
+The mask is drawn with the call `nn.Dropout` makes on a CPU (`bernoulli_(1 - p)`, over a tensor
+shaped like `x`), so there the random stream, the masks and therefore the losses are those of
+peft's own path: same seed, same numbers (`tests/model/test_lora_dropout.py`). On a GPU
+`nn.Dropout` draws inside its own fused kernel, which hands the random numbers to elements in
+another order: the masks have the same law (each value kept with probability 1 - p, alone) but
+are not peft's, so a GPU run and peft's differ by their masks; given the same masks they compute
+the same numbers (`tests/model/test_lora_branch.py`, on CUDA).
 
 peft also casts each adapted layer's input to the adapter's dtype first: with bf16 base weights
 and fp32 adapters, a full fp32 copy of the input per adapted layer, which autocast then casts
@@ -120,12 +124,13 @@ def input_grad(
 
 
 def draw_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """The mask nn.Dropout draws for x (the same `bernoulli_` call on a bool tensor, so the same
-    random stream), as 0 / 1 bytes: a float tensor times a uint8 one is one vectorized pass,
-    where times a bool one takes torch's per-element casting loop on CPU, 40x slower
-    (`bench/mask_product.py`)."""
-    keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
-    return keep.view(torch.uint8)
+    """The mask nn.Dropout draws for x on a CPU (the same `bernoulli_` call, which draws one
+    number an element in order whatever the tensor's dtype: the same random stream), as 0 / 1
+    bytes: a float tensor times a uint8 one is one vectorized pass, where times a bool one takes
+    torch's per-element casting loop on CPU, 40x slower (`bench/mask_product.py`). Drawn as
+    uint8, not as bool viewed as uint8: Inductor's Triton backend cannot reinterpret a bool as a
+    byte, and `model.compile` failed on a GPU there (`tests/model/test_compiled_layers.py`)."""
+    return torch.empty(x.shape, dtype=torch.uint8, device=x.device).bernoulli_(1 - p)
 
 
 # Devices that take the CPU's forms of the operations below. A GPU kernel casts its operands

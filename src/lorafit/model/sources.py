@@ -304,8 +304,12 @@ class RandomMistral:
     def load_config(self) -> PretrainedConfig:
         return copy.deepcopy(self.config)
 
+    def prepare(self) -> Path:
+        """Build the model into the cache if not done yet; returns the folder."""
+        return publish(self.folder(), self._write)
+
     def load_model(self, **kwargs: Any) -> PreTrainedModel:
-        return _from_pretrained(publish(self.folder(), self._write), **kwargs)
+        return _from_pretrained(self.prepare(), **kwargs)
 
 
 # The tests' and quickstart checks' model: a 4.2M-parameter RandomMistral, built in fp32 on CPU.
