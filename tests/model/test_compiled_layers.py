@@ -120,3 +120,42 @@ def test_the_compiled_branch_reinterprets_no_bool_as_bytes(monkeypatch):
     targets = {node.target for graph in graphs for node in graph.graph.nodes}
     assert torch.ops.aten.bernoulli_.float in targets or torch.ops.aten.bernoulli.p in targets
     assert torch.ops.aten.view.dtype not in targets
+
+
+def test_compiled_the_norms_and_the_branch_take_their_plain_forms(monkeypatch):
+    """Two of lorafit's eager forms gave wrong gradients under torch 2.11's compiler (the GPU
+    machines' torch; later versions compile both right): RMSNorm's function, whose x enters
+    twice, lost one of x's gradients, and the LoRA branch's one-pass GPU forms made x's
+    gradient zero. Compiled, both take the plain forms, which the compiler fuses anyway."""
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+
+    from lorafit.model import lora_dropout
+    from lorafit.model.rms_norm import fuse_rms_norm
+
+    monkeypatch.setattr(lora_dropout, "CPU_FORM_DEVICES", frozenset())
+    seen = []
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def forms(x):
+        seen.append(lora_dropout.one_pass(x.device))
+        return x + 1
+
+    forms(torch.zeros(1))
+    assert seen == [False] and lora_dropout.one_pass(torch.device("cpu"))
+
+    norm = torch.nn.Sequential(MistralRMSNorm(8))
+    norm[0].weight.requires_grad_(False)
+    assert fuse_rms_norm(norm) == 1
+    graphs = []
+
+    def keep(graph, _inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(norm, backend=keep, fullgraph=True)
+    compiled(torch.randn(3, 8, requires_grad=True)).sum().backward()
+    torch._dynamo.reset()
+    targets = {str(node.target) for node in graphs[0].graph.nodes}
+    assert not any("autograd_function_apply" in target for target in targets), targets
+    assert "rsqrt" in str(targets)
