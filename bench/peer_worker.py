@@ -199,6 +199,12 @@ def model_config(cfg):
 # ---------------------------------------------------------------- lorafit
 
 
+def _checkpoint_kwargs(cfg) -> dict:
+    """The peers checkpoint in the form lorafit's config names (`model.reentrant_checkpointing`),
+    so that a comparison holds the checkpoint's host work equal too."""
+    return {"use_reentrant": bool(cfg.model.get("reentrant_checkpointing", True))}
+
+
 def run_lorafit(spec: dict, cfg, meter: StepMeter) -> None:
     from lightning.pytorch.callbacks import Callback
 
@@ -286,7 +292,7 @@ def _training_arguments(cfg, spec: dict, output_dir: str, batch_size: int) -> di
         max_grad_norm=cfg.trainer.gradient_clip_val or 0.0,
         bf16=str(cfg.trainer.precision).startswith("bf16"),
         gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        gradient_checkpointing_kwargs=_checkpoint_kwargs(cfg) if checkpointing else None,
         logging_steps=1,  # each step's loss, as lorafit logs it
         save_strategy="no",
         report_to="none",
@@ -350,9 +356,13 @@ def run_transformers(spec: dict, cfg, meter: StepMeter, output_dir: str) -> None
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+            gradient_checkpointing_kwargs=_checkpoint_kwargs(cfg) if checkpointing else None,
         )
     model = get_peft_model(model, _lora_config(cfg))
+    if cfg.model.gradient_checkpointing:
+        # The Trainer turns checkpointing on after peft has looked for it: the reentrant form
+        # needs the frozen embeddings' output to require grad, or no gradient reaches LoRA.
+        model.enable_input_require_grads()
     model.config.use_cache = False
     if spec["kind"] == "hf-padded":
         collator = DataCollatorForSeq2Seq(

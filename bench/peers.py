@@ -85,6 +85,7 @@ LEVERS = {
     "autocast-outputs": ["adapter.autocast_outputs=true"],
     # peft's bf16 add of the LoRA update to o_proj's bf16 output (the default adds in fp32)
     "bf16-add": ["adapter.fp32_lora_add=false"],
+    "non-reentrant": ["model.reentrant_checkpointing=false"],
     "compile": ["model.compile=true"],  # torch.compile of each layer but its attention core
     # Layer inputs kept for backward in pinned host memory (a no-op on a CPU)
     "offload": ["model.offload_activations=true"],

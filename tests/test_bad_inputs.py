@@ -314,6 +314,12 @@ CASES = [
         None,
         r"model\.checkpoint_every=0: expected an integer >= 1",
     ),
+    (
+        "a checkpointing form that is not a switch",
+        ["model.gradient_checkpointing=true", "model.reentrant_checkpointing=sometimes"],
+        None,
+        r"model\.reentrant_checkpointing='sometimes': expected true or false",
+    ),
     ("unknown wandb watch", ["logger=wandb", "logger.wandb.watch=weights"], None, r"wandb\.watch"),
     (
         "nothing to adapt",

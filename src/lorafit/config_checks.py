@@ -164,6 +164,10 @@ def check_values(cfg: DictConfig) -> None:
     _require(model.dtype in DTYPES, "model.dtype", model.dtype, " or ".join(DTYPES))
     every = model.get("checkpoint_every", 1)
     _require(_is_int(every) and every >= 1, "model.checkpoint_every", every, "an integer >= 1")
+    reentrant = model.get("reentrant_checkpointing", True)
+    _require(
+        isinstance(reentrant, bool), "model.reentrant_checkpointing", reentrant, "true or false"
+    )
     _require(
         model.attn_implementation in ATTENTION_BACKENDS,
         "model.attn_implementation",

@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from transformers import MistralConfig, MistralForCausalLM
 
-from helpers import TINY, compose_config, logged, packed_test_module
+from helpers import TINY, assert_bitwise_equal, compose_config, logged, packed_test_module
 from lorafit.errors import QuantizationUnavailableError
 from lorafit.model.adapters import trainable_parameters
 from lorafit.model.module import CausalLMModule
@@ -127,6 +127,44 @@ def test_checkpointing_every_second_layer_recomputes_only_those_with_the_same_gr
         torch.testing.assert_close(checked_grads, grads, rtol=0, atol=0)
     # Without checkpointing the setting changes nothing.
     assert _step_with_recompute_counts(False, every=2)[2] == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("adapter", ["qlora", "lora"])
+def test_reentrant_checkpointing_records_no_graph_in_forward_and_gives_the_same_numbers(adapter):
+    """`model.reentrant_checkpointing` (the default): a checkpointed layer's forward runs
+    without autograd, which backward's recomputation then records; the non-reentrant form
+    records it in both. The same loss and gradients to the bit, with dropout under bf16
+    autocast as the canonical job, over a 4-bit base and a full-precision one (whose frozen
+    embeddings' output is made to require grad for it)."""
+    ids = torch.randint(3, 1000, (1, 48), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(20), torch.arange(28)])[None]
+    batch = {"input_ids": ids, "position_ids": positions, "labels": ids}
+    results = {}
+    for reentrant in (True, False):
+        module = packed_test_module(
+            checkpointing=True,
+            overrides=(
+                f"adapter={adapter}",
+                "adapter.dropout=0.3",
+                f"model.reentrant_checkpointing={str(reentrant).lower()}",
+            ),
+        ).train()
+        layers = module.model.get_base_model().model.layers
+        modes = []
+        for layer in layers:
+            layer.mlp.register_forward_pre_hook(
+                lambda *_, seen=modes: seen.append(torch.is_grad_enabled())
+            )
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = module._loss_sum(batch)
+        assert modes == [not reentrant] * len(layers)
+        loss.backward()
+        assert modes[len(layers) :] == [True] * len(layers)  # recomputed with autograd
+        grads = [p.grad for p in module.parameters() if p.requires_grad]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads)
+        results[reentrant] = [loss.detach(), *grads]
+    assert_bitwise_equal(results[True], results[False])
 
 
 def _qlora_module(upcast: bool) -> CausalLMModule:

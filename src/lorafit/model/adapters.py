@@ -34,10 +34,18 @@ def quantization_bits(quantization: BitsAndBytesConfig | None) -> int | None:
     return None
 
 
-def _enable_gradient_checkpointing(model: PreTrainedModel, quantized: bool, every: int) -> None:
-    # Non-reentrant checkpointing gives gradients to adapter weights even though the inputs
-    # of the frozen base do not require grad; the reentrant variant would silently not.
-    kwargs = {"use_reentrant": False}
+def _enable_gradient_checkpointing(
+    model: PreTrainedModel, quantized: bool, every: int, reentrant: bool = True
+) -> None:
+    """`model.reentrant_checkpointing`: torch's reentrant checkpoint runs a layer's forward
+    without autograd and records its graph only when backward recomputes it; the non-reentrant
+    one records it in forward too and calls a Python hook for each tensor it would have kept.
+    The same numbers bit for bit, and less host work a step (docs/benchmarks.md), which at 2048
+    tokens a GPU waits on. The reentrant form needs the layers' inputs to require grad, which
+    frozen embeddings' outputs do not: peft adds a hook that makes them (here for a 4-bit base,
+    in `get_peft_model` for a full-precision one; a full fine-tune trains the embeddings). It
+    gives gradients through backward() only: torch.autograd.grad does not reach inside it."""
+    kwargs = {"use_reentrant": reentrant}
     if quantized:
         # Also casts the remaining full-precision weights (norms, embeddings) to fp32.
         prepare_model_for_kbit_training(
@@ -129,14 +137,19 @@ class LoraAdapter:
         return quantization_bits(self.quantization)
 
     def apply(
-        self, model: PreTrainedModel, gradient_checkpointing: bool, checkpoint_every: int = 1
+        self,
+        model: PreTrainedModel,
+        gradient_checkpointing: bool,
+        checkpoint_every: int = 1,
+        reentrant: bool = True,
     ) -> PeftModel:
         """Freeze the base and attach the adapter; only adapter weights require grad. With
-        checkpointing, every `checkpoint_every`-th decoder layer recomputes its activations."""
+        checkpointing, every `checkpoint_every`-th decoder layer recomputes its activations,
+        in torch's reentrant checkpoint or, with `reentrant` false, its non-reentrant one."""
         quantized = self.bits is not None
         loaded = {name: p.dtype for name, p in model.named_parameters()} if quantized else {}
         if gradient_checkpointing:
-            _enable_gradient_checkpointing(model, quantized, checkpoint_every)
+            _enable_gradient_checkpointing(model, quantized, checkpoint_every, reentrant)
         elif quantized:
             prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if quantized and not self.upcast_unquantized:
@@ -168,10 +181,14 @@ class FullFineTune:
     bits = None
 
     def apply(
-        self, model: PreTrainedModel, gradient_checkpointing: bool, checkpoint_every: int = 1
+        self,
+        model: PreTrainedModel,
+        gradient_checkpointing: bool,
+        checkpoint_every: int = 1,
+        reentrant: bool = True,
     ) -> PreTrainedModel:
         if gradient_checkpointing:
-            _enable_gradient_checkpointing(model, False, checkpoint_every)
+            _enable_gradient_checkpointing(model, False, checkpoint_every, reentrant)
         model.requires_grad_(True)
         fuse_swiglu(model)  # the same numbers, one MLP-wide tensor less kept a layer
         return model

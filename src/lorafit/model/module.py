@@ -105,6 +105,8 @@ class CausalLMModule(pl.LightningModule):
             gradient_checkpointing=spec["gradient_checkpointing"],
             # Absent from the configs of runs saved before the key existed: every layer.
             checkpoint_every=spec.get("checkpoint_every", 1),
+            # Likewise; either form gives the same numbers.
+            reentrant=spec.get("reentrant_checkpointing", True),
         )
         if fitting and spec.get("compile", False):
             log.info("compiled decoder layers: %d", compile_decoder_layers(self.model))

@@ -3,10 +3,11 @@ layers waits in host memory instead of GPU memory.
 
 With gradient checkpointing a decoder layer keeps only its input for backward, but all of them
 at once: for Mistral-7B, 32 layers x 4096 values a token, 1 GiB at 2048 tokens in fp32 and 4
-GiB at 8192. torch's non-reentrant checkpoint saves each layer's input through the saved-tensor
-hooks in force around it (the checkpointed layer's own activations go through the checkpoint's
-hooks, which take precedence), so hooks around the model's forward catch exactly those inputs,
-and the few tensors saved between layers (the final norm's input, the loss's).
+GiB at 8192. Either form of torch's checkpoint saves each layer's input through the saved-tensor
+hooks in force around it, and nothing else of the layer: the reentrant form runs the layer
+without autograd, the non-reentrant one sends the layer's own activations through its own hooks,
+which take precedence. So hooks around the model's forward catch exactly those inputs, and the
+few tensors saved between layers (the final norm's input, the loss's).
 
 A tensor is copied to pinned host memory on the compute stream (no host wait: the copy is
 queued like a kernel, and the caching allocator does not hand its GPU block to a later kernel
