@@ -88,8 +88,8 @@ def test_the_gpu_s_one_pass_forms_compile_without_graph_breaks(monkeypatch):
 
 
 def test_the_compiled_branch_reinterprets_no_bool_as_bytes(monkeypatch):
-    """The dropout mask was drawn as bool and viewed as uint8: Inductor's CPU backend compiles
-    that view, its Triton backend (a GPU's) did not, and `model.compile` failed on an H200. The
+    """The dropout mask was drawn as bool and viewed as uint8: torch 2.11's Inductor cannot
+    lower that view (torch 2.13's can), and `model.compile` failed on an H200 under it. The
     graphs the compiler receives, forward and backward, hold no dtype view at all."""
     import sys
     from pathlib import Path

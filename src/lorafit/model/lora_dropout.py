@@ -128,8 +128,8 @@ def draw_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     number an element in order whatever the tensor's dtype: the same random stream), as 0 / 1
     bytes: a float tensor times a uint8 one is one vectorized pass, where times a bool one takes
     torch's per-element casting loop on CPU, 40x slower (`bench/mask_product.py`). Drawn as
-    uint8, not as bool viewed as uint8: Inductor's Triton backend cannot reinterpret a bool as a
-    byte, and `model.compile` failed on a GPU there (`tests/model/test_compiled_layers.py`)."""
+    uint8, not as bool viewed as uint8: torch 2.11's compiler cannot lower that view (on any
+    device), and `model.compile` failed on a GPU there (`tests/model/test_compiled_layers.py`)."""
     return torch.empty(x.shape, dtype=torch.uint8, device=x.device).bernoulli_(1 - p)
 
 
