@@ -4,6 +4,7 @@ and the packing preflight run eager; the eval tools run the model uncompiled."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch._dynamo.utils
 
@@ -42,12 +43,26 @@ def test_compiled_layers_train_what_eager_layers_train(tmp_path):
         layer.mlp(torch.randn(1, 5, layer.mlp.gate_proj.in_features))
     compiled.on_validation_end()
     assert torch._dynamo.utils.counters["stats"]["calls_captured"] == captured
+    _assert_same_losses(tmp_path)
+
+
+def _assert_same_losses(out) -> None:
     for key in ("train/loss", "val/loss"):
-        expected = torch.tensor(logged(tmp_path / "eager", key))
+        expected = torch.tensor(logged(out / "eager", key))
         # Fused kernels round bf16 in another order (2e-5 apart here); other masks: 1e-3 apart.
         torch.testing.assert_close(
-            torch.tensor(logged(tmp_path / "compiled", key)), expected, rtol=2e-4, atol=0
+            torch.tensor(logged(out / "compiled", key)), expected, rtol=2e-4, atol=0
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_compiled_layers_train_what_eager_layers_train(tmp_path):
+    # Triton's kernels and CUDA's random stream: model.compile failed on an H200 before.
+    common = ["trainer=gpu", "adapter=qlora", "adapter.dropout=0.5"]
+    _fit(common, tmp_path / "eager")
+    _fit([*common, "model.compile=true"], tmp_path / "compiled")
+    _assert_same_losses(tmp_path)
 
 
 def test_the_eval_tools_run_the_model_uncompiled():
