@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from torch.utils.checkpoint import checkpoint
 from transformers import BitsAndBytesConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -37,15 +38,7 @@ def quantization_bits(quantization: BitsAndBytesConfig | None) -> int | None:
 def _enable_gradient_checkpointing(
     model: PreTrainedModel, quantized: bool, every: int, reentrant: bool = True
 ) -> None:
-    """`model.reentrant_checkpointing`: torch's reentrant checkpoint runs a layer's forward
-    without autograd and records its graph only when backward recomputes it; the non-reentrant
-    one records it in forward too and calls a Python hook for each tensor it would have kept.
-    The same numbers bit for bit, and less host work a step (docs/benchmarks.md), which at 2048
-    tokens a GPU waits on. The reentrant form needs the layers' inputs to require grad, which
-    frozen embeddings' outputs do not: peft adds a hook that makes them (here for a 4-bit base,
-    in `get_peft_model` for a full-precision one; a full fine-tune trains the embeddings). It
-    gives gradients through backward() only: torch.autograd.grad does not reach inside it."""
-    kwargs = {"use_reentrant": reentrant}
+    kwargs = {"use_reentrant": False}  # the layers' own function is set below
     if quantized:
         # Also casts the remaining full-precision weights (norms, embeddings) to fp32.
         prepare_model_for_kbit_training(
@@ -56,7 +49,40 @@ def _enable_gradient_checkpointing(
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
+    if reentrant:
+        for layer in model.modules():
+            if isinstance(layer, GradientCheckpointingLayer):
+                layer._gradient_checkpointing_func = checkpoint_layer
     checkpoint_every_nth_layer(model, every)
+
+
+def checkpoint_layer(function, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
+    """`model.reentrant_checkpointing`: a layer whose input requires grad goes through torch's
+    reentrant checkpoint, which runs its forward without autograd and records the graph only
+    when backward recomputes it; the non-reentrant one records it in forward too and calls a
+    Python hook for each tensor the layer would keep. The same numbers bit for bit, in less
+    host work a step (docs/benchmarks.md), which at 2048 tokens a GPU waits on.
+
+    A layer whose input needs no gradient takes the non-reentrant form, the only one that
+    reaches the trained weights inside without one: the first layer, whose input is the frozen
+    embeddings' output, so no gradient is made for that input (`_no_embedding_output_grad`).
+    Only backward() reaches inside the reentrant form, torch.autograd.grad does not: `false`
+    for that."""
+    reentrant = any(isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args)
+    return checkpoint(function, *args, use_reentrant=reentrant, **kwargs)
+
+
+def _no_embedding_output_grad(model: PreTrainedModel) -> None:
+    """Take off the hooks by which transformers and peft make the input embeddings' output
+    require grad when checkpointing is on (for the reentrant form, which needs its input to).
+    `checkpoint_layer` needs none, and the gradient made for that output is the first layer's
+    input-gradient products spent for nothing. Trained embeddings' output requires grad anyway.
+    Found by name: transformers' and peft's hooks are closures, and each call that makes one
+    forgets the last (two are left after peft over a full-precision base)."""
+    embeddings = model.get_input_embeddings()
+    for key, hook in list(embeddings._forward_hooks.items()):
+        if getattr(hook, "__name__", "").startswith("make_inputs_require_grad"):
+            del embeddings._forward_hooks[key]
 
 
 def checkpoint_every_nth_layer(model: torch.nn.Module, every: int) -> None:
@@ -163,6 +189,8 @@ class LoraAdapter:
             adapted = PeftModel.from_pretrained(model, Path(self.lora_model_dir), is_trainable=True)
         else:
             adapted = get_peft_model(model, self.config)
+        if gradient_checkpointing and reentrant:
+            _no_embedding_output_grad(model)
         fuse_lora_dropout(adapted)  # same masks and losses, less kept for backward
         fuse_lora_branches(adapted)  # 4-bit layers: the same numbers in fewer operators
         fuse_swiglu(adapted)  # the same numbers, one MLP-wide tensor less kept a layer
