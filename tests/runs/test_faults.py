@@ -87,3 +87,28 @@ def test_the_watchdog_threshold_stops_a_loss_above_it(tmp_path):
     overrides = [*TINY, "callbacks.loss_watchdog.max_loss=5.0"]
     with pytest.raises(LossDivergedError, match="max_loss=5.0"):
         train(compose_config(overrides, tmp_path))
+
+
+def test_a_sigterm_in_process_saves_a_step_boundary_checkpoint_and_stops(tmp_path):
+    """`trainer.fit` in this process (a notebook, a Hydra sweep's basic launcher): the signal
+    goes to Lightning's handler, and SaveOnSigterm must hold and release the stop through it."""
+    import os
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lorafit.training import build_run
+
+    class Terminate(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == 2 and not trainer.received_sigterm:
+                # Lightning's own handler, never the default one, which would end pytest.
+                assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    run = build_run(compose_config(RUN, tmp_path))
+    run.trainer.callbacks.append(Terminate())
+    with pytest.raises(SIGTERMException):
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 3  # the step in progress finished, then the stop

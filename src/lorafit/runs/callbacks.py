@@ -161,9 +161,17 @@ class SaveOnSigterm(pl.Callback):
         if not trainer.received_sigterm and not self._held:
             return
         if trainer.global_step == self._step_at_start:  # mid-accumulation: hold the stop
-            self._held, trainer.received_sigterm = True, False
+            self._held = True
+            _set_received_sigterm(trainer, False)
             return
         self.saved = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(self.saved)
         log.warning("SIGTERM: saved %s at step %d; stopping", self.saved, trainer.global_step)
-        self._held, trainer.received_sigterm = False, True
+        self._held = False
+        _set_received_sigterm(trainer, True)
+
+
+def _set_received_sigterm(trainer: pl.Trainer, value: bool) -> None:
+    # `Trainer.received_sigterm` is read-only (Lightning 2.6): the flag is its signal
+    # connector's, which Lightning's SIGTERM handler sets and its loops read.
+    trainer._signal_connector.received_sigterm = value
