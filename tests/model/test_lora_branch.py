@@ -79,12 +79,16 @@ class _SameMasks:
     its own kernel, in another order than the branch's `bernoulli_`, so seeds alone no longer
     pair the two paths' masks. peft's dropout here applies the mask the branch last drew for
     an input of its shape (up's and down's differ; a checkpoint's recomputation redraws the
-    same one) as nn.Dropout applies its own on a CPU."""
+    same one) as nn.Dropout applies its own on that device: on a CPU times a noise tensor of
+    mask / (1 - p) in x's dtype (a bf16 scale, 1.4296875 for p = 0.3); on CUDA in its fused
+    kernel, x times the mask times an fp32 scale, rounded once into x's dtype. `cuda_kernel`
+    takes the second on any device."""
 
-    def __init__(self, monkeypatch, p: float, reorder=lambda mask: mask):
+    def __init__(self, monkeypatch, p: float, reorder=lambda mask: mask, cuda_kernel=False):
         self.p = p
         self.masks: dict[tuple[int, ...], torch.Tensor] = {}
         self.replayed = 0
+        self.cuda_kernel = cuda_kernel
 
         def draw(x, p):
             self.masks[tuple(x.shape)] = mask = reorder(draw_mask(x, p))
@@ -98,8 +102,11 @@ class _SameMasks:
         class Replay(nn.Module):
             def forward(self, x):
                 masks.replayed += 1
-                noise = masks.masks[tuple(x.shape)].to(x.dtype).div_(1 - masks.p)
-                return x * noise
+                mask = masks.masks[tuple(x.shape)]
+                if masks.cuda_kernel or x.device.type == "cuda":
+                    scale = (torch.ones(()) / (1 - masks.p)).item()  # fp32, as the kernel's
+                    return (x.float() * mask * scale).to(x.dtype)
+                return x * mask.to(x.dtype).div_(1 - masks.p)
 
         for module in model.modules():
             if isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict):
@@ -160,6 +167,23 @@ def test_given_the_branch_s_masks_peft_s_path_computes_the_same_numbers(
     order than nn.Dropout's, as on a GPU."""
     flipped = _SameMasks(monkeypatch, 0.3, reorder=lambda mask: mask.flip(-1))
     _compare(autocast, activations, 0.3, True, same_masks=flipped)
+
+
+@pytest.mark.parametrize(("autocast", "activations"), PRECISIONS)
+def test_the_branch_gives_what_peft_computes_under_cuda_autocast(
+    autocast, activations, monkeypatch
+):
+    """peft's path as a GPU runs it, on the CPU. peft asks `torch.is_autocast_enabled()`, which
+    without a device reads CUDA's autocast: under it peft does not cast x to lora_A's fp32, so
+    its dropout meets bf16 activations as they come, and CUDA's dropout kernel scales them in
+    fp32 (`_SameMasks`). Here that check reads the CPU's autocast and the dropout computes as
+    CUDA's kernel; a bf16 scale (the CPU's nn.Dropout) would give other numbers."""
+    is_enabled = torch.is_autocast_enabled
+    monkeypatch.setattr(
+        torch, "is_autocast_enabled", lambda device=None: is_enabled(device or "cpu")
+    )
+    masks = _SameMasks(monkeypatch, 0.3, reorder=lambda mask: mask.flip(-1), cuda_kernel=True)
+    _compare(autocast, activations, 0.3, True, same_masks=masks)
 
 
 def test_the_branch_dispatches_fewer_operators():
