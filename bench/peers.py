@@ -90,6 +90,7 @@ LEVERS = {
     # Layer inputs kept for backward in pinned host memory (a no-op on a CPU)
     "offload": ["model.offload_activations=true"],
     "bf16-offload": ["adapter.upcast_unquantized=false", "model.offload_activations=true"],
+    "compile-offload": ["model.compile=true", "model.offload_activations=true"],
     # A larger micro batch under a token budget: 4 packed rows a forward (4x the tokens a step)
     "rows-4": ["data.batch_size=4", "data.micro_batch_size=4"],
 }

@@ -13,6 +13,7 @@ import weakref
 import numpy
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from helpers import TINY, compose_config, logged, packed_test_module
 from lorafit.model import offload
@@ -90,6 +91,37 @@ def test_layer_inputs_leave_for_the_host_and_come_back_unchanged(autocast):
         assert torch.equal(grad, plain_grads[name]), name
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_backward_finds_each_saved_tensor_fetched_ahead_but_the_first_it_takes(reentrant):
+    """Backward takes the saved tensors in the reverse of the forward's order; each take starts
+    bringing back the one saved before it, so that on a GPU its copy runs while this layer is
+    recomputed. Every tensor but the first taken is then found fetched ahead, and the gradients
+    are those without offloading."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(64, 64) for _ in range(4)]
+    x = torch.randn(32, 64, requires_grad=True)
+
+    def step(hooks):
+        for param in [x, *(p for layer in layers for p in layer.parameters())]:
+            param.grad = None
+        out = x
+        with hooks if hooks is not None else contextlib.nullcontext():
+            for layer in layers:
+                out = checkpoint(layer, out, use_reentrant=reentrant)
+            loss = out.square().sum()  # saves the last layer's output too
+        loss.backward()
+        return [x.grad.clone(), *(p.grad.clone() for layer in layers for p in layer.parameters())]
+
+    weights = [p for layer in layers for p in layer.parameters()]
+    hooks = HostOffload(weights=weights, offloads=lambda tensor: True, min_bytes=0)
+    plain, offloaded = step(None), step(hooks)
+    saved = len(layers) + 1  # each layer's input and the loss's
+    assert hooks.offloaded_bytes == saved * x.nbytes
+    assert hooks.fetched_ahead == saved - 1
+    for got, want in zip(offloaded, plain, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_weights_and_small_tensors_stay_put():
     weight = torch.nn.Parameter(torch.randn(512, 512))
     frozen = torch.randn(512, 512)
@@ -162,7 +194,9 @@ def test_on_a_gpu_the_layer_inputs_leave_device_memory():
             before = torch.cuda.memory_allocated()
             with torch.autocast("cuda", dtype=torch.bfloat16), hooks or contextlib.nullcontext():
                 loss, _ = module._loss_sum(batch)
-            torch.cuda.synchronize()
+                # The copies to the host run on a stream of their own; the hooks let go of
+                # the device tensors once theirs have run, at the latest as the context ends.
+                torch.cuda.synchronize()
             left[name] = torch.cuda.memory_allocated() - before
             loss.backward()
             results[name] = (
@@ -171,6 +205,8 @@ def test_on_a_gpu_the_layer_inputs_leave_device_memory():
             )
     # 4 layers x 4096 tokens x 512 bf16 values: 16 MiB kept on the device without offloading.
     assert left["plain"] - left["offloaded"] >= 0.9 * 4 * tokens * 512 * 2
+    # Brought back one ahead of need on the copy stream: all but the first taken.
+    assert runs["offloaded"].fetched_ahead >= 3
     assert torch.equal(results["offloaded"][0], results["plain"][0])
     # On an H200 two plain runs gave other gradients (the same loss): some CUDA backward kernels
     # sum with atomics where no deterministic form exists. The offloaded run may part from the
