@@ -265,3 +265,47 @@ def test_bf16_on_cpu_trains_near_the_fp32_losses_with_fp32_adapters(tmp_path):
     lora = [p for n, p in run.module.named_parameters() if "lora_" in n]
     assert {p.dtype for p in base} == {torch.bfloat16}
     assert lora and {p.dtype for p in lora} == {torch.float32}
+
+
+def test_a_micro_batch_reads_no_tensor_back_outside_the_model(tmp_path, monkeypatch):
+    """On a GPU, reading a tensor's value on the host (`.item()`, `int()`, `float()`,
+    `.tolist()`) waits for the GPU to compute it: in training_step, after the forward, the host
+    could queue no backward until the GPU had caught up. So the step's loss is summed on the
+    device and its real tokens are counted on the host before the batch moves; the logged
+    values are read once an optimizer step. (The model's forward reads the packed examples'
+    bounds once, `packed_attention.spans_of`.)"""
+    reads = []
+    watching = [False]
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, _real=real, _name=name, **kwargs):
+            if watching[0]:
+                reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    run = build_run(compose_config(TINY + ["data.micro_batch_size=1"], tmp_path))
+    module = run.module
+    real_step, real_forward = module.training_step, module._loss_sum
+
+    def training_step(*args, **kwargs):
+        watching[0] = True
+        try:
+            return real_step(*args, **kwargs)
+        finally:
+            watching[0] = False
+
+    def loss_sum(*args, **kwargs):  # the model's forward: not watched
+        was, watching[0] = watching[0], False
+        try:
+            return real_forward(*args, **kwargs)
+        finally:
+            watching[0] = was
+
+    monkeypatch.setattr(module, "training_step", training_step)
+    monkeypatch.setattr(module, "_loss_sum", loss_sum)
+    run.trainer.fit(module, datamodule=run.datamodule)
+    assert run.trainer.accumulate_grad_batches > 1
+    assert reads == []
+    assert len(logged(tmp_path, "train/loss")) == 4

@@ -296,6 +296,10 @@ class FineTuneDataModule(pl.LightningDataModule):
         # Called for exactly the batches that are trained on, prefetched ones only when used.
         if self.trainer is not None and self.trainer.training:
             self._train_loader.count_consumed()
+        # The real tokens read while the batch is still on the host: read from the device,
+        # the count would make the host wait for the GPU at every micro-batch.
+        if isinstance(batch, dict) and isinstance(batch.get("real_tokens"), torch.Tensor):
+            batch["real_tokens"] = int(batch["real_tokens"])
         return batch
 
     def val_dataloader(self) -> DataLoader | list:

@@ -65,8 +65,9 @@ class CausalLMModule(pl.LightningModule):
         # Checkpoints hold only trainable weights; the frozen base is reloaded from its source.
         self.strict_loading = False
         self.val_loss = MeanMetric()
-        # The loss of the optimizer step in progress, summed over its micro-batches.
-        self.step_loss = 0.0
+        # The loss of the optimizer step in progress, summed over its micro-batches (on the
+        # device once one has run; `float()` reads it).
+        self.step_loss: float | torch.Tensor = 0.0
         self._step_tokens = 0
         self._step_started: float | None = None
         self.load_device = torch.device(load_device)
@@ -201,8 +202,10 @@ class CausalLMModule(pl.LightningModule):
             host_mb = self._offload.offloaded_bytes / 1e6
             log.info("activations kept in host memory a forward: %.1f MB", host_mb)
         loss = loss_sum / batch["step_tokens"]
-        self.step_loss += loss.item()
-        self._step_tokens += int(batch["real_tokens"])
+        # Summed on the device (in fp64, as a Python float would): reading it back here would
+        # make the host wait for the forward before it could queue the backward.
+        self.step_loss = self.step_loss + loss.detach().double()
+        self._step_tokens += batch["real_tokens"]  # a count made on the host (datamodule.py)
         # Lightning divides by accumulate_grad_batches and DDP averages over ranks; both are
         # undone so the step's gradient is that of the mean over the global batch's tokens.
         return loss * self.trainer.accumulate_grad_batches * self.trainer.world_size
@@ -211,10 +214,9 @@ class CausalLMModule(pl.LightningModule):
         # From the previous step's optimizer step (the first: this step's first batch).
         elapsed = time.perf_counter() - self._step_started
         # Summed over ranks: the step's loss is already each rank's share of the global mean.
-        loss, tokens_per_s = self.trainer.strategy.reduce(
-            torch.tensor([self.step_loss, self._step_tokens / elapsed], device=self.device),
-            reduce_op="sum",
-        ).tolist()
+        values = torch.tensor([0.0, self._step_tokens / elapsed], device=self.device)
+        values[0] = self.step_loss
+        loss, tokens_per_s = self.trainer.strategy.reduce(values, reduce_op="sum").tolist()
         values = {
             "train/loss": loss,
             "train/tokens_per_s": tokens_per_s,
