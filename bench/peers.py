@@ -91,8 +91,16 @@ LEVERS = {
     "offload": ["model.offload_activations=true"],
     "bf16-offload": ["adapter.upcast_unquantized=false", "model.offload_activations=true"],
     "compile-offload": ["model.compile=true", "model.offload_activations=true"],
+    "compile-liger": ["model.compile=true", "model.liger_kernels=true"],
     # A larger micro batch under a token budget: 4 packed rows a forward (4x the tokens a step)
     "rows-4": ["data.batch_size=4", "data.micro_batch_size=4"],
+    # Two rows a forward with the layer inputs in host memory: twice the tokens a step for
+    # about one row's peak
+    "rows-2-offload": [
+        "data.batch_size=2",
+        "data.micro_batch_size=2",
+        "model.offload_activations=true",
+    ],
 }
 
 
