@@ -122,6 +122,97 @@ def test_backward_finds_each_saved_tensor_fetched_ahead_but_the_first_it_takes(r
         assert torch.equal(got, want)
 
 
+class _FakeStreams:
+    """CUDA's stream calls stood in for on the CPU, logging what the hooks ask of them: which
+    stream waits for which event. The copies themselves run at once, on the CPU."""
+
+    def __init__(self, monkeypatch, copies_done: bool):
+        self.copies_done = copies_done
+        self.waits: list[tuple[str, str]] = []  # (stream waiting, event's stream and number)
+        self.events = 0
+        self.recorded: list[str] = []
+        streams = self
+
+        class Event:
+            def __init__(self, stream):
+                streams.events += 1
+                self.name = f"{stream.name}:{streams.events}"
+
+            def query(self):
+                return streams.copies_done
+
+        class Stream:
+            def __init__(self, name="side"):
+                self.name = name
+
+            def wait_stream(self, other):
+                self.waits.append((self.name, other.name))
+
+            def record_event(self):
+                return Event(self)
+
+            def wait_event(self, event):
+                streams.waits.append((self.name, event.name))
+
+        Stream.waits = []
+        self.compute = Stream("compute")
+        monkeypatch.setattr(offload, "_streamed", lambda tensor: True)
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.compute)
+        monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+        monkeypatch.setattr(
+            torch.Tensor, "record_stream", lambda tensor, stream: self.recorded.append(stream.name)
+        )
+        self.stream_class = Stream
+
+
+@pytest.mark.parametrize("copies_done", [False, True])
+def test_the_copy_stream_protocol_run_on_the_cpu(monkeypatch, copies_done):
+    """The CUDA path of the hooks, with fake streams: each copy to the host waits for the
+    compute stream; a device tensor whose copy has not run is let go only once the compute
+    stream waits for that copy; each tensor fetched ahead is used only after the compute
+    stream waits for its copy back, and its block waits for the copy stream. The numbers are
+    those without offloading."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(64, 64) for _ in range(5)]
+    x = torch.randn(32, 64, requires_grad=True)
+
+    def step(hooks):
+        for param in [x, *(p for layer in layers for p in layer.parameters())]:
+            param.grad = None
+        out = x
+        with hooks if hooks is not None else contextlib.nullcontext():
+            for layer in layers:
+                out = checkpoint(layer, out, use_reentrant=True)
+            loss = out.square().sum()
+        loss.backward()
+        return [x.grad.clone(), *(p.grad.clone() for layer in layers for p in layer.parameters())]
+
+    plain = step(None)
+    streams = _FakeStreams(monkeypatch, copies_done)
+    weights = [p for layer in layers for p in layer.parameters()]
+    hooks = HostOffload(weights=weights, offloads=lambda tensor: True, min_bytes=0)
+    offloaded = step(hooks)
+    for got, want in zip(offloaded, plain, strict=True):
+        assert torch.equal(got, want)
+    saved = len(layers) + 1
+    assert hooks.fetched_ahead == saved - 1
+    side_waits = streams.stream_class.waits
+    # Each copy out and each copy back first waits for the compute stream.
+    assert side_waits == [("side", "compute")] * (saved + saved - 1)
+    compute_waits = [event for stream, event in streams.waits if stream == "compute"]
+    # Events are numbered in the order made: the copies out first (1..saved), then back.
+    outs = [e for e in compute_waits if int(e.split(":")[1]) <= saved]
+    backs = [e for e in compute_waits if int(e.split(":")[1]) > saved]
+    # Copies out still running are waited for by the compute stream before their tensors go;
+    # done, they are let go without a wait.
+    assert len(outs) == (saved if not copies_done else 0)
+    assert len(set(outs)) == len(outs)
+    assert len(backs) == saved - 1 == len(set(backs))  # every copy back, before its use
+    assert streams.recorded == ["side"] * (saved - 1)
+    assert hooks._in_flight == []
+
+
 def test_weights_and_small_tensors_stay_put():
     weight = torch.nn.Parameter(torch.randn(512, 512))
     frozen = torch.randn(512, 512)

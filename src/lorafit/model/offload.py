@@ -45,16 +45,23 @@ def _on_accelerator(tensor: torch.Tensor) -> bool:
     return tensor.device.type not in ("cpu", "meta")
 
 
+def _streamed(tensor: torch.Tensor) -> bool:
+    """Whether `tensor`'s copies run on a CUDA stream of their own (tests stand in fake
+    streams to follow that path on the CPU)."""
+    return tensor.is_cuda
+
+
 class _Saved:
     """What the hooks hand autograd for an offloaded tensor: its host copy, where it came from,
     its place in the forward's order, and its copy back once fetched ahead of need."""
 
-    __slots__ = ("__weakref__", "device", "fetched", "host", "index", "ready", "taken")
+    __slots__ = ("__weakref__", "device", "fetched", "host", "index", "ready", "streamed", "taken")
 
-    def __init__(self, device: torch.device, host: torch.Tensor, index: int):
+    def __init__(self, device: torch.device, host: torch.Tensor, index: int, streamed: bool):
         self.device = device
         self.host = host
         self.index = index
+        self.streamed = streamed  # copied on a stream of its own (`_streamed`)
         self.fetched: torch.Tensor | None = None  # on the device, or on its way there
         self.ready: torch.cuda.Event | None = None  # when `fetched` has arrived
         self.taken = False  # unpacked once: fetching it ahead again would be wasted
@@ -141,11 +148,12 @@ class HostOffload(saved_tensors_hooks):
                 device="cpu",
                 pin_memory=source.is_cuda,
             )
-            if source.is_cuda:
+            streamed = _streamed(source)
+            if streamed:
                 self._copy_out(source, host)
             else:
                 host.copy_(source)
-            saved = _Saved(tensor.device, host, len(self._order))
+            saved = _Saved(tensor.device, host, len(self._order), streamed)
             self._order.append(weakref.ref(saved))
             self._copies[key] = (weakref.ref(tensor), saved)
             self.offloaded_bytes += host.nbytes
@@ -189,8 +197,8 @@ class HostOffload(saved_tensors_hooks):
             if saved.ready is not None:
                 torch.cuda.current_stream(saved.device).wait_event(saved.ready)
             return fetched
-        if saved.device.type == "cpu":
-            return saved.host
+        if not saved.streamed:
+            return saved.host.to(saved.device)  # on the CPU: the host copy itself
         return saved.host.to(saved.device, non_blocking=True)
 
     def _fetch_ahead(self, index: int) -> None:
@@ -201,8 +209,8 @@ class HostOffload(saved_tensors_hooks):
         saved = self._order[index]() if index >= 0 else None
         if saved is None or saved.taken or saved.fetched is not None:
             return
-        if saved.device.type == "cpu":
-            saved.fetched = saved.host
+        if not saved.streamed:
+            saved.fetched = saved.host.to(saved.device)
             return
         side = self._stream(saved.device)
         saved.fetched = torch.empty_like(saved.host, device=saved.device)
