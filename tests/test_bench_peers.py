@@ -203,4 +203,6 @@ def test_a_gpu_worker_builds_the_random_model_before_its_peaks_count(monkeypatch
     assert resets == [1]
     from hydra.utils import instantiate
 
-    assert instantiate(cfg.model.source).prepare() == built[0]  # found, not built again
+    written = (built[0] / "config.json").stat().st_mtime_ns
+    assert instantiate(cfg.model.source).prepare() == built[0]
+    assert (built[0] / "config.json").stat().st_mtime_ns == written  # found, not built again
