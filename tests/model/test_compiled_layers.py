@@ -4,17 +4,31 @@ and the packing preflight run eager; the eval tools run the model uncompiled."""
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch._dynamo.utils
+from transformers.models.mistral import modeling_mistral
 
 from helpers import TINY, compose_config, logged
 from lorafit.model.module import CausalLMModule
 from lorafit.training import build_run
 
 
-def _fit(overrides: list[str], out):
+class _SeesRotary(pl.Callback):
+    """Records which rotary function the attention's module holds while the run trains."""
+
+    def __init__(self) -> None:
+        self.seen: set[object] = set()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.seen.add(modeling_mistral.apply_rotary_pos_emb)
+
+
+def _fit(overrides: list[str], out, rotary: _SeesRotary | None = None):
     run = build_run(compose_config([*TINY, "trainer.max_steps=3", *overrides], out))
+    if rotary is not None:
+        run.trainer.callbacks.append(rotary)
     run.trainer.fit(run.module, datamodule=run.datamodule)
     return run.module
 
@@ -25,8 +39,14 @@ def test_compiled_layers_train_what_eager_layers_train(tmp_path):
     # random stream, in the eager order.
     # 4-bit as the canonical job: bitsandbytes' matmul inside the compiled graphs.
     common = ["trainer=cpu_bf16", "adapter=qlora", "adapter.dropout=0.5"]
+    eager_rotary = modeling_mistral.apply_rotary_pos_emb
     eager = _fit(common, tmp_path / "eager")
-    compiled = _fit([*common, "model.compile=true"], tmp_path / "compiled")
+    rotary = _SeesRotary()
+    compiled = _fit([*common, "model.compile=true"], tmp_path / "compiled", rotary)
+    # The attention's rotary embedding ran compiled, and the eager one is back after the run.
+    (trained_with,) = rotary.seen
+    assert trained_with is not eager_rotary
+    assert modeling_mistral.apply_rotary_pos_emb is eager_rotary
     layers = compiled.model.get_base_model().model.layers
     assert all(layer.mlp._compiled_call_impl is not None for layer in layers)
     assert all(layer.self_attn._compiled_call_impl is None for layer in layers)

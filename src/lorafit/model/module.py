@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,7 +20,7 @@ from lorafit.constants import FINGERPRINT_KEY
 from lorafit.errors import ConfigError
 from lorafit.model import packed_attention
 from lorafit.model.adapters import trainable_parameters
-from lorafit.model.compiled_layers import compile_decoder_layers
+from lorafit.model.compiled_layers import compile_decoder_layers, compile_rotary
 from lorafit.model.fused_loss import linear_cross_entropy_sum
 from lorafit.model.isolation import IsolationReport, check_isolation
 from lorafit.model.liger import apply_liger_kernels, check_liger
@@ -76,8 +77,10 @@ class CausalLMModule(pl.LightningModule):
         self.isolation: IsolationReport | None = None
         # model.offload_activations: the saved-tensor hooks around each training forward.
         self._offload: HostOffload | None = None
-        # model.compile: whether this module's decoder layers were compiled for training.
+        # model.compile: whether this module's decoder layers were compiled for training, and
+        # what puts back the rotary embedding's eager function when the run ends.
         self._compiled = False
+        self._undo_rotary: Callable[[], None] | None = None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -111,6 +114,7 @@ class CausalLMModule(pl.LightningModule):
         )
         if fitting and spec.get("compile", False):
             log.info("compiled decoder layers: %d", compile_decoder_layers(self.model))
+            self._undo_rotary = compile_rotary(self.model)
             self._compiled = True
         # from_pretrained returns eval mode, and Lightning keeps the modes it finds: without
         # this, dropout (lora_dropout included) would silently never apply.
@@ -236,6 +240,13 @@ class CausalLMModule(pl.LightningModule):
         # step, the loading of its batches and its forward and backward passes.
         self.step_loss, self._step_tokens = 0.0, 0
         self._step_started = time.perf_counter()
+
+    def teardown(self, stage: str) -> None:
+        # The compiled rotary function replaced transformers' own for the process: later models
+        # in it (an eval after training, the next test) get the eager one back.
+        if self._undo_rotary is not None:
+            self._undo_rotary()
+            self._undo_rotary = None
 
     # With model.compile, validation and the packing preflight run eager: their rows vary in
     # length and run in eval mode, and each variant compiled would spend the recompile limit
