@@ -91,33 +91,44 @@ def test_layer_inputs_leave_for_the_host_and_come_back_unchanged(autocast):
         assert torch.equal(grad, plain_grads[name]), name
 
 
+class _Chain:
+    """Linear layers, each checkpointed, and the gradients of one step over them, with or
+    without hooks: each layer's input and the loss's are saved for backward."""
+
+    def __init__(self, layers: int, reentrant: bool = True):
+        torch.manual_seed(0)
+        self.layers = [torch.nn.Linear(64, 64) for _ in range(layers)]
+        self.weights = [p for layer in self.layers for p in layer.parameters()]
+        self.x = torch.randn(32, 64, requires_grad=True)
+        self.reentrant = reentrant
+        self.saved = layers + 1
+
+    def step(self, hooks: HostOffload | None) -> list[torch.Tensor]:
+        for param in [self.x, *self.weights]:
+            param.grad = None
+        out = self.x
+        with hooks if hooks is not None else contextlib.nullcontext():
+            for layer in self.layers:
+                out = checkpoint(layer, out, use_reentrant=self.reentrant)
+            loss = out.square().sum()  # saves the last layer's output too
+        loss.backward()
+        return [self.x.grad.clone(), *(p.grad.clone() for p in self.weights)]
+
+    def hooks(self) -> HostOffload:
+        return HostOffload(weights=self.weights, offloads=lambda tensor: True, min_bytes=0)
+
+
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_backward_finds_each_saved_tensor_fetched_ahead_but_the_first_it_takes(reentrant):
     """Backward takes the saved tensors in the reverse of the forward's order; each take starts
     bringing back the one saved before it, so that on a GPU its copy runs while this layer is
     recomputed. Every tensor but the first taken is then found fetched ahead, and the gradients
     are those without offloading."""
-    torch.manual_seed(0)
-    layers = [torch.nn.Linear(64, 64) for _ in range(4)]
-    x = torch.randn(32, 64, requires_grad=True)
-
-    def step(hooks):
-        for param in [x, *(p for layer in layers for p in layer.parameters())]:
-            param.grad = None
-        out = x
-        with hooks if hooks is not None else contextlib.nullcontext():
-            for layer in layers:
-                out = checkpoint(layer, out, use_reentrant=reentrant)
-            loss = out.square().sum()  # saves the last layer's output too
-        loss.backward()
-        return [x.grad.clone(), *(p.grad.clone() for layer in layers for p in layer.parameters())]
-
-    weights = [p for layer in layers for p in layer.parameters()]
-    hooks = HostOffload(weights=weights, offloads=lambda tensor: True, min_bytes=0)
-    plain, offloaded = step(None), step(hooks)
-    saved = len(layers) + 1  # each layer's input and the loss's
-    assert hooks.offloaded_bytes == saved * x.nbytes
-    assert hooks.fetched_ahead == saved - 1
+    chain = _Chain(4, reentrant)
+    hooks = chain.hooks()
+    plain, offloaded = chain.step(None), chain.step(hooks)
+    assert hooks.offloaded_bytes == chain.saved * chain.x.nbytes
+    assert hooks.fetched_ahead == chain.saved - 1
     for got, want in zip(offloaded, plain, strict=True):
         assert torch.equal(got, want)
 
@@ -173,29 +184,14 @@ def test_the_copy_stream_protocol_run_on_the_cpu(monkeypatch, copies_done):
     stream waits for that copy; each tensor fetched ahead is used only after the compute
     stream waits for its copy back, and its block waits for the copy stream. The numbers are
     those without offloading."""
-    torch.manual_seed(0)
-    layers = [torch.nn.Linear(64, 64) for _ in range(5)]
-    x = torch.randn(32, 64, requires_grad=True)
-
-    def step(hooks):
-        for param in [x, *(p for layer in layers for p in layer.parameters())]:
-            param.grad = None
-        out = x
-        with hooks if hooks is not None else contextlib.nullcontext():
-            for layer in layers:
-                out = checkpoint(layer, out, use_reentrant=True)
-            loss = out.square().sum()
-        loss.backward()
-        return [x.grad.clone(), *(p.grad.clone() for layer in layers for p in layer.parameters())]
-
-    plain = step(None)
+    chain = _Chain(5)
+    plain = chain.step(None)
     streams = _FakeStreams(monkeypatch, copies_done)
-    weights = [p for layer in layers for p in layer.parameters()]
-    hooks = HostOffload(weights=weights, offloads=lambda tensor: True, min_bytes=0)
-    offloaded = step(hooks)
+    hooks = chain.hooks()
+    offloaded = chain.step(hooks)
     for got, want in zip(offloaded, plain, strict=True):
         assert torch.equal(got, want)
-    saved = len(layers) + 1
+    saved = chain.saved
     assert hooks.fetched_ahead == saved - 1
     side_waits = streams.stream_class.waits
     # Each copy out and each copy back first waits for the compute stream.
