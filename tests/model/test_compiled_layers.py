@@ -85,6 +85,21 @@ def test_on_a_gpu_compiled_layers_train_what_eager_layers_train(tmp_path):
     _assert_same_losses(tmp_path)
 
 
+def test_a_compiled_fit_stopped_by_an_error_puts_the_eager_rotary_back(tmp_path):
+    eager_rotary = modeling_mistral.apply_rotary_pos_emb
+
+    class Fails(pl.Callback):
+        def on_train_batch_end(self, *args) -> None:
+            assert modeling_mistral.apply_rotary_pos_emb is not eager_rotary  # compiled
+            raise RuntimeError("stopped")
+
+    run = build_run(compose_config([*TINY, "trainer=cpu_bf16", "model.compile=true"], tmp_path))
+    run.trainer.callbacks.append(Fails())
+    with pytest.raises(RuntimeError, match="stopped"):
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert modeling_mistral.apply_rotary_pos_emb is eager_rotary
+
+
 def test_the_eval_tools_run_the_model_uncompiled():
     """eval, generate and export build the module with no trainer fitting it."""
     cfg = compose_config([*TINY, "model.compile=true"])

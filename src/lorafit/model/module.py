@@ -248,6 +248,9 @@ class CausalLMModule(pl.LightningModule):
             self._undo_rotary()
             self._undo_rotary = None
 
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [_TeardownOnException()] if self.hparams.model.get("compile", False) else []
+
     # With model.compile, validation and the packing preflight run eager: their rows vary in
     # length and run in eval mode, and each variant compiled would spend the recompile limit
     # (8 graphs a function) that the training graphs need, leaving training to run eager.
@@ -325,6 +328,14 @@ class CausalLMModule(pl.LightningModule):
         checkpoint["state_dict"] = {
             name: tensor for name, tensor in checkpoint["state_dict"].items() if name in trainable
         }
+
+
+class _TeardownOnException(pl.Callback):
+    """A fit that stops on an error skips the module's teardown: what model.compile replaced
+    for the process is put back here instead."""
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception) -> None:  # noqa: ANN001
+        pl_module.teardown("fit")
 
 
 # The LightningModule a config names in `model.module`, for run configs that predate the key.
