@@ -273,7 +273,7 @@ def test_a_micro_batch_reads_no_tensor_back_outside_the_model(tmp_path, monkeypa
     could queue no backward until the GPU had caught up. So the step's loss is summed on the
     device and its real tokens are counted on the host before the batch moves; the logged
     values are read once an optimizer step. (The model's forward reads the packed examples'
-    bounds once, `packed_attention.spans_of`.)"""
+    bounds at its start: transformers' mask preparation and `packed_attention.spans_of`.)"""
     reads = []
     watching = [False]
     for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
