@@ -270,9 +270,9 @@ def test_bf16_on_cpu_trains_near_the_fp32_losses_with_fp32_adapters(tmp_path):
 def test_a_micro_batch_reads_no_tensor_back_outside_the_model(tmp_path, monkeypatch):
     """On a GPU, reading a tensor's value on the host (`.item()`, `int()`, `float()`,
     `.tolist()`) waits for the GPU to compute it: in training_step, after the forward, the host
-    could queue no backward until the GPU had caught up. So the step's loss is summed on the
-    device and its real tokens are counted on the host before the batch moves; the logged
-    values are read once an optimizer step. (The model's forward reads the packed examples'
+    could queue no backward until the GPU had caught up. So the micro-batches' losses stay on
+    the device and their real tokens are counted on the host before the batch moves; the
+    logged values are read once an optimizer step. (The model's forward reads the packed examples'
     bounds at its start: transformers' mask preparation and `packed_attention.spans_of`.)"""
     reads = []
     watching = [False]

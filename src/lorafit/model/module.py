@@ -66,9 +66,8 @@ class CausalLMModule(pl.LightningModule):
         # Checkpoints hold only trainable weights; the frozen base is reloaded from its source.
         self.strict_loading = False
         self.val_loss = MeanMetric()
-        # The loss of the optimizer step in progress, summed over its micro-batches (on the
-        # device once one has run; `float()` reads it).
-        self.step_loss: float | torch.Tensor = 0.0
+        # The losses of the optimizer step's micro-batches, left on the device (`step_loss`).
+        self._step_losses: list[torch.Tensor] = []
         self._step_tokens = 0
         self._step_started: float | None = None
         self.load_device = torch.device(load_device)
@@ -206,21 +205,30 @@ class CausalLMModule(pl.LightningModule):
             host_mb = self._offload.offloaded_bytes / 1e6
             log.info("activations kept in host memory a forward: %.1f MB", host_mb)
         loss = loss_sum / batch["step_tokens"]
-        # Summed on the device (in fp64, as a Python float would): reading it back here would
-        # make the host wait for the forward before it could queue the backward.
-        self.step_loss = self.step_loss + loss.detach().double()
+        # Kept on the device: reading it back here would make the host wait for the forward
+        # before it could queue the backward.
+        self._step_losses.append(loss.detach())
         self._step_tokens += batch["real_tokens"]  # a count made on the host (datamodule.py)
         # Lightning divides by accumulate_grad_batches and DDP averages over ranks; both are
         # undone so the step's gradient is that of the mean over the global batch's tokens.
         return loss * self.trainer.accumulate_grad_batches * self.trainer.world_size
 
+    @property
+    def step_loss(self) -> float:
+        """The loss of the optimizer step in progress: its micro-batches' losses summed on the
+        host, in their order (one read of the device for all of them)."""
+        if not self._step_losses:
+            return 0.0
+        return sum(torch.stack(self._step_losses).tolist())
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # From the previous step's optimizer step (the first: this step's first batch).
         elapsed = time.perf_counter() - self._step_started
         # Summed over ranks: the step's loss is already each rank's share of the global mean.
-        values = torch.tensor([0.0, self._step_tokens / elapsed], device=self.device)
-        values[0] = self.step_loss
-        loss, tokens_per_s = self.trainer.strategy.reduce(values, reduce_op="sum").tolist()
+        loss, tokens_per_s = self.trainer.strategy.reduce(
+            torch.tensor([self.step_loss, self._step_tokens / elapsed], device=self.device),
+            reduce_op="sum",
+        ).tolist()
         values = {
             "train/loss": loss,
             "train/tokens_per_s": tokens_per_s,
@@ -238,7 +246,7 @@ class CausalLMModule(pl.LightningModule):
         self.log_dict(values, logger=False, prog_bar=True)
         # The next step's clock starts now, so its tokens/s covers a whole step: this optimizer
         # step, the loading of its batches and its forward and backward passes.
-        self.step_loss, self._step_tokens = 0.0, 0
+        self._step_losses, self._step_tokens = [], 0
         self._step_started = time.perf_counter()
 
     def teardown(self, stage: str) -> None:
