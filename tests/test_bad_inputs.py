@@ -315,6 +315,12 @@ CASES = [
         r"model\.checkpoint_every=0: expected an integer >= 1",
     ),
     (
+        "MLP chunks of no tokens",
+        ["model.mlp_chunk_tokens=0"],
+        None,
+        r"model\.mlp_chunk_tokens=0: expected an integer >= 1 or null",
+    ),
+    (
         "a checkpointing form that is not a switch",
         ["model.gradient_checkpointing=true", "model.reentrant_checkpointing=sometimes"],
         None,

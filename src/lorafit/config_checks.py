@@ -164,6 +164,13 @@ def check_values(cfg: DictConfig) -> None:
     _require(model.dtype in DTYPES, "model.dtype", model.dtype, " or ".join(DTYPES))
     every = model.get("checkpoint_every", 1)
     _require(_is_int(every) and every >= 1, "model.checkpoint_every", every, "an integer >= 1")
+    chunk = model.get("mlp_chunk_tokens")
+    _require(
+        chunk is None or (_is_int(chunk) and chunk >= 1),
+        "model.mlp_chunk_tokens",
+        chunk,
+        "an integer >= 1 or null",
+    )
     reentrant = model.get("reentrant_checkpointing", True)
     _require(
         isinstance(reentrant, bool), "model.reentrant_checkpointing", reentrant, "true or false"

@@ -50,6 +50,9 @@ def test_compiled_layers_train_what_eager_layers_train(tmp_path):
     layers = compiled.model.get_base_model().model.layers
     assert all(layer.mlp._compiled_call_impl is not None for layer in layers)
     assert all(layer.self_attn._compiled_call_impl is None for layer in layers)
+    # Both norms, the one named after the attention included.
+    norms = [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    assert all(n._compiled_call_impl is not None for n in norms)
     projections = [p for layer in layers for p in layer.self_attn.children()]
     assert len(projections) == 4 * len(layers)
     assert all(p._compiled_call_impl is not None for p in projections)

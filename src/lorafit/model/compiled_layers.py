@@ -39,12 +39,15 @@ from collections.abc import Callable
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from lorafit.model.chunked_mlp import compile_chunks
+
 # The module-level function transformers' attention modules apply the rotary embedding with.
 ROTARY = "apply_rotary_pos_emb"
 
 
 def _is_attention(name: str) -> bool:
-    return "attn" in name or "attention" in name
+    # Not the norms named after it (Mistral's and Llama's post_attention_layernorm).
+    return ("attn" in name or "attention" in name) and "norm" not in name
 
 
 def compile_decoder_layers(model: torch.nn.Module) -> int:
@@ -61,7 +64,8 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
             attention = _is_attention(name)
             # The attention's projections, not the attention: see the module's docstring.
             for module in child.children() if attention else [child]:
-                module.compile()
+                if not compile_chunks(module):  # a chunked MLP: its chunks' forward
+                    module.compile()
                 compiled += 1
     return compiled
 

@@ -20,6 +20,7 @@ from lorafit.constants import FINGERPRINT_KEY
 from lorafit.errors import ConfigError
 from lorafit.model import packed_attention
 from lorafit.model.adapters import trainable_parameters
+from lorafit.model.chunked_mlp import chunk_mlps
 from lorafit.model.compiled_layers import compile_decoder_layers, compile_rotary
 from lorafit.model.fused_loss import linear_cross_entropy_sum
 from lorafit.model.isolation import IsolationReport, check_isolation
@@ -111,6 +112,11 @@ class CausalLMModule(pl.LightningModule):
             # Likewise; either form gives the same numbers.
             reentrant=spec.get("reentrant_checkpointing", True),
         )
+        chunk_tokens = spec.get("mlp_chunk_tokens")
+        if fitting and chunk_tokens:
+            log.info(
+                "MLPs run %d tokens a call: %d", chunk_tokens, chunk_mlps(self.model, chunk_tokens)
+            )
         if fitting and spec.get("compile", False):
             log.info("compiled decoder layers: %d", compile_decoder_layers(self.model))
             self._undo_rotary = compile_rotary(self.model)
