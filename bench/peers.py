@@ -92,6 +92,10 @@ LEVERS = {
     "bf16-offload": ["adapter.upcast_unquantized=false", "model.offload_activations=true"],
     "compile-offload": ["model.compile=true", "model.offload_activations=true"],
     "compile-liger": ["model.compile=true", "model.liger_kernels=true"],
+    # Each layer's MLP over 2048 tokens at a time: backward's MLP-wide gradients a chunk at a
+    # time, for more host work (the MLP's operators once a chunk)
+    "mlp-chunks": ["model.mlp_chunk_tokens=2048"],
+    "compile-mlp-chunks": ["model.compile=true", "model.mlp_chunk_tokens=2048"],
     # A larger micro batch under a token budget: 4 packed rows a forward (4x the tokens a step)
     "rows-4": ["data.batch_size=4", "data.micro_batch_size=4"],
     # Two rows a forward with the layer inputs in host memory: twice the tokens a step for
