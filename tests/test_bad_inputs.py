@@ -315,6 +315,12 @@ CASES = [
         r"model\.checkpoint_every=0: expected an integer >= 1",
     ),
     (
+        "a compile mode torch does not have",
+        ["model.compile=true", "model.compile_mode=fast"],
+        None,
+        r"model\.compile_mode='fast': expected default or reduce-overhead or max-autotune",
+    ),
+    (
         "MLP chunks of no tokens",
         ["model.mlp_chunk_tokens=0"],
         None,

@@ -58,6 +58,8 @@ def gradient_accumulation(cfg: DictConfig) -> int:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+# torch.compile's modes (`model.compile_mode`); null is its default.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 WANDB_WATCH = ("gradients", "parameters", "all")
 
 
@@ -164,6 +166,13 @@ def check_values(cfg: DictConfig) -> None:
     _require(model.dtype in DTYPES, "model.dtype", model.dtype, " or ".join(DTYPES))
     every = model.get("checkpoint_every", 1)
     _require(_is_int(every) and every >= 1, "model.checkpoint_every", every, "an integer >= 1")
+    mode = model.get("compile_mode")
+    _require(
+        mode is None or mode in COMPILE_MODES,
+        "model.compile_mode",
+        mode,
+        " or ".join([*COMPILE_MODES, "null"]),
+    )
     chunk = model.get("mlp_chunk_tokens")
     _require(
         chunk is None or (_is_int(chunk) and chunk >= 1),

@@ -10,7 +10,7 @@ import torch
 import torch._dynamo.utils
 from transformers.models.mistral import modeling_mistral
 
-from helpers import TINY, compose_config, logged
+from helpers import TINY, compose_config, configure_as_fit_does, logged, packed_test_module
 from lorafit.model.module import CausalLMModule
 from lorafit.training import build_run
 
@@ -80,11 +80,14 @@ def _assert_same_losses(out) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_on_a_gpu_compiled_layers_train_what_eager_layers_train(tmp_path):
+@pytest.mark.parametrize("mode", ["null", "reduce-overhead"])
+def test_on_a_gpu_compiled_layers_train_what_eager_layers_train(tmp_path, mode):
     # Triton's kernels and CUDA's random stream: model.compile failed on an H200 before.
+    # reduce-overhead replays the compiled modules as CUDA graphs, the dropout masks drawn
+    # inside them.
     common = ["trainer=gpu", "adapter=qlora", "adapter.dropout=0.5"]
     _fit(common, tmp_path / "eager")
-    _fit([*common, "model.compile=true"], tmp_path / "compiled")
+    _fit([*common, "model.compile=true", f"model.compile_mode={mode}"], tmp_path / "compiled")
     _assert_same_losses(tmp_path)
 
 
@@ -212,3 +215,21 @@ def test_compiled_the_norms_and_the_branch_take_their_plain_forms(monkeypatch):
     targets = {str(node.target) for node in graphs[0].graph.nodes}
     assert not any("autograd_function_apply" in target for target in targets), targets
     assert "rsqrt" in str(targets)
+
+
+def test_compile_mode_reaches_every_compiled_function(monkeypatch):
+    modes = []
+    compile = torch.compile
+
+    def recording(*args, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return compile(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    overrides = ("adapter=qlora", "model.compile=true", "model.compile_mode=reduce-overhead")
+    module = packed_test_module(overrides=overrides)
+    module.model = None
+    configure_as_fit_does(module)
+    module.teardown("fit")
+    # Per layer (2): q, k, v, o, the MLP and two norms; and the rotary embedding, once.
+    assert modes == ["reduce-overhead"] * (2 * 7 + 1)

@@ -69,12 +69,12 @@ def chunk_mlps(model: nn.Module, tokens: int) -> int:
     return chunked
 
 
-def compile_chunks(module: nn.Module) -> bool:
+def compile_chunks(module: nn.Module, mode: str | None = None) -> bool:
     """For `model.compile`: compile a chunked MLP's per-chunk forward, not the loop over the
     chunks, so that every chunk of one size shares a graph and autograd still runs the chunks
     apart; returns whether `module` was a chunked MLP."""
     forward = vars(module).get("forward")
     if not isinstance(forward, ChunkedForward):
         return False
-    forward.chunk = torch.compile(forward.chunk)
+    forward.chunk = torch.compile(forward.chunk, mode=mode)
     return True

@@ -50,9 +50,9 @@ def _is_attention(name: str) -> bool:
     return ("attn" in name or "attention" in name) and "norm" not in name
 
 
-def compile_decoder_layers(model: torch.nn.Module) -> int:
-    """Compile, in place, each decoder layer's children but its attention; returns how many
-    modules were compiled."""
+def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None) -> int:
+    """Compile, in place, each decoder layer's children but its attention, in torch.compile's
+    `mode` (`model.compile_mode`); returns how many modules were compiled."""
     import torch._inductor.config as inductor
 
     # The dropout masks must stay those of eager torch (and peft): random draws go to torch's
@@ -64,13 +64,13 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
             attention = _is_attention(name)
             # The attention's projections, not the attention: see the module's docstring.
             for module in child.children() if attention else [child]:
-                if not compile_chunks(module):  # a chunked MLP: its chunks' forward
-                    module.compile()
+                if not compile_chunks(module, mode):  # a chunked MLP: its chunks' forward
+                    module.compile(mode=mode)
                 compiled += 1
     return compiled
 
 
-def compile_rotary(model: torch.nn.Module) -> Callable[[], None]:
+def compile_rotary(model: torch.nn.Module, mode: str | None = None) -> Callable[[], None]:
     """Replace the rotary embedding function of the modules that define the model's attention
     with its compiled form, for the process; returns what undoes it. The compiled function runs
     eager under the `force_eager` stance, as validation takes it (`CausalLMModule`)."""
@@ -81,7 +81,7 @@ def compile_rotary(model: torch.nn.Module) -> Callable[[], None]:
             original = getattr(code, ROTARY, None)
             if not _is_attention(name) or original is None or any(c is code for c, _ in replaced):
                 continue
-            setattr(code, ROTARY, torch.compile(original))
+            setattr(code, ROTARY, torch.compile(original, mode=mode))
             replaced.append((code, original))
 
     def undo() -> None:

@@ -118,8 +118,9 @@ class CausalLMModule(pl.LightningModule):
                 "MLPs run %d tokens a call: %d", chunk_tokens, chunk_mlps(self.model, chunk_tokens)
             )
         if fitting and spec.get("compile", False):
-            log.info("compiled decoder layers: %d", compile_decoder_layers(self.model))
-            self._undo_rotary = compile_rotary(self.model)
+            mode = spec.get("compile_mode")
+            log.info("compiled decoder layers: %d", compile_decoder_layers(self.model, mode))
+            self._undo_rotary = compile_rotary(self.model, mode)
             self._compiled = True
         # from_pretrained returns eval mode, and Lightning keeps the modes it finds: without
         # this, dropout (lora_dropout included) would silently never apply.
