@@ -9,8 +9,11 @@ where five of them are alive at once (`python bench/peak_memory.py --at-peak --s
 (and gradient checkpointing's recomputation) each chunk is its own call, and autograd records
 a graph per chunk; in backward it runs the chunks' graphs one after another, latest first,
 freeing each chunk's gradients and kept activations as it goes. What the chunks keep for
-backward still adds up to what one call keeps (`gate` and `up` for SwiGLU), but the
-gradients made in backward are one chunk's at a time.
+backward still adds up to what one call keeps (`gate` and `up` for SwiGLU), and it is all
+alive when the recomputation ends, which becomes the peak: only the gradients made in
+backward shrink to a chunk's, about 0.4 GiB less at 8192 tokens in chunks of 2048
+(docs/benchmarks.md). Keeping less would take recomputing each chunk once more in backward,
+a third forward pass of the MLP.
 
 The same numbers up to rounding: each token's forward is the same arithmetic, and the LoRA
 weights' gradients are sums over the chunks instead of one product's sum over all tokens.
