@@ -11,7 +11,7 @@ a graph per chunk; in backward it runs the chunks' graphs one after another, lat
 freeing each chunk's gradients and kept activations as it goes. What the chunks keep for
 backward still adds up to what one call keeps (`gate` and `up` for SwiGLU), and it is all
 alive when the recomputation ends, which becomes the peak: only the gradients made in
-backward shrink to a chunk's, about 0.4 GiB less at 8192 tokens in chunks of 2048
+backward shrink to a chunk's, about 0.45 GiB less at 8192 tokens in chunks of 2048
 (docs/benchmarks.md). Keeping less would take recomputing each chunk once more in backward,
 a third forward pass of the MLP.
 
