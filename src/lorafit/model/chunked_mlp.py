@@ -5,10 +5,10 @@ The MLP is the widest part of a layer (14,336 values a token for Mistral-7B agai
 and under peft's fp32 stream its projections' outputs and gradients are fp32: 448 MiB each at
 8192 tokens. The canonical job's memory peak is the MLP's backward in the recomputed layer,
 where five of them are alive at once (`python bench/peak_memory.py --at-peak --sequence-len
-8192`). The MLP treats each token apart, so it can run on slices of the tokens: in forward
-(and gradient checkpointing's recomputation) each chunk is its own call, and autograd records
-a graph per chunk; in backward it runs the chunks' graphs one after another, latest first,
-freeing each chunk's gradients and kept activations as it goes. What the chunks keep for
+8192 --layers 2`). The MLP treats each token apart, so it can run on slices of the tokens: in
+forward (and gradient checkpointing's recomputation) each chunk is its own call, and autograd
+records a graph per chunk; in backward it runs the chunks' graphs one after another, latest
+first, freeing each chunk's gradients and kept activations as it goes. What the chunks keep for
 backward still adds up to what one call keeps (`gate` and `up` for SwiGLU), and it is all
 alive when the recomputation ends, which becomes the peak: only the gradients made in
 backward shrink to a chunk's, about 0.45 GiB less at 8192 tokens in chunks of 2048
