@@ -92,8 +92,6 @@ LEVERS = {
     "bf16-offload": ["adapter.upcast_unquantized=false", "model.offload_activations=true"],
     "compile-offload": ["model.compile=true", "model.offload_activations=true"],
     "compile-liger": ["model.compile=true", "model.liger_kernels=true"],
-    # The compiled modules replayed as CUDA graphs: fewer launches from the host (CUDA only)
-    "compile-cudagraphs": ["model.compile=true", "model.compile_mode=reduce-overhead"],
     # Each layer's MLP over 2048 tokens at a time: backward's MLP-wide gradients a chunk at a
     # time, for more host work (the MLP's operators once a chunk)
     "mlp-chunks": ["model.mlp_chunk_tokens=2048"],

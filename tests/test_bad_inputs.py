@@ -318,7 +318,13 @@ CASES = [
         "a compile mode torch does not have",
         ["model.compile=true", "model.compile_mode=fast"],
         None,
-        r"model\.compile_mode='fast': expected default or reduce-overhead or max-autotune",
+        r"model\.compile_mode='fast': expected default or max-autotune-no-cudagraphs or null",
+    ),
+    (
+        "a compile mode that replays CUDA graphs",
+        ["model.compile=true", "model.compile_mode=reduce-overhead"],
+        None,
+        r"model\.compile_mode='reduce-overhead': CUDA graphs do not work",
     ),
     (
         "MLP chunks of no tokens",

@@ -36,15 +36,47 @@ def test_the_example_converts_to_the_canonical_experiment_key_for_key(tmp_path, 
     shutil.copytree(CONF_DIR, conf)
     main([str(EXAMPLE), "--name", "from_example", "--conf-dir", str(conf)])
     assert "experiment=from_example" in capsys.readouterr().out
-    assert _resolved(conf, "from_example") == _resolved(conf, "mistral7b_qlora_alpaca2k")
+    converted, canonical = (
+        _resolved(conf, "from_example"),
+        _resolved(conf, "mistral7b_qlora_alpaca2k"),
+    )
+    # The experiment adds lorafit's fastest measured settings, which the example does not name.
+    assert (canonical["model"].pop("compile"), canonical["model"].pop("offload_activations")) == (
+        True,
+        True,
+    )
+    assert (converted["model"].pop("compile"), converted["model"].pop("offload_activations")) == (
+        False,
+        False,
+    )
+    assert converted == canonical
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         logger = compose("train", overrides=["experiment=from_example"]).logger
     assert (logger.wandb.project, logger.wandb.log_adapter) == ("lorafit", True)
 
 
 @pytest.mark.parametrize(
+    ("change", "model"),
+    [
+        ({}, {"gradient_checkpointing": True}),
+        ({"gradient_checkpointing": False}, {"gradient_checkpointing": False}),
+        (
+            {"gradient_checkpointing": "offload", "torch_compile": True},
+            {"gradient_checkpointing": True, "offload_activations": True, "compile": True},
+        ),
+        ({"torch_compile": False}, {"gradient_checkpointing": True, "compile": False}),
+    ],
+)
+def test_checkpointing_offload_and_compile_carry_over(change, model):
+    _, values = convert({**yaml.safe_load(EXAMPLE.read_text()), **change}, "article.yml")
+    assert values["model"] == model
+
+
+@pytest.mark.parametrize(
     ("change", "message"),
     [
+        ({"gradient_checkpointing": "offload_disk"}, r"gradient_checkpointing='offload_disk'"),
+        ({"torch_compile": "auto"}, r"torch_compile='auto': expected true or false"),
         ({"lora_rr": 8}, r"unknown key 'lora_rr'; did you mean lora_r\?"),
         ({"tokens": ["<|im_start|>"]}, r"tokens is not supported by lorafit: adding new tokens"),
         ({"load_in_8bit": True}, r"cannot both be true"),

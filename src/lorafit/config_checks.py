@@ -59,7 +59,12 @@ def gradient_accumulation(cfg: DictConfig) -> int:
 
 DTYPES = ("float32", "bfloat16", "float16")
 # torch.compile's modes (`model.compile_mode`); null is its default.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# The modes that replay compiled code as CUDA graphs. Each decoder layer's modules are compiled
+# apart and share their code, so a graph is replayed once a layer while backward still holds
+# what an earlier replay wrote: on an H200 (torch 2.11) training stopped in the first backward,
+# reading outputs a later replay had overwritten.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 WANDB_WATCH = ("gradients", "parameters", "all")
 
 
@@ -167,6 +172,12 @@ def check_values(cfg: DictConfig) -> None:
     every = model.get("checkpoint_every", 1)
     _require(_is_int(every) and every >= 1, "model.checkpoint_every", every, "an integer >= 1")
     mode = model.get("compile_mode")
+    if mode in CUDA_GRAPH_MODES:
+        raise ConfigError(
+            f"model.compile_mode={mode!r}: CUDA graphs do not work with lorafit's compiled "
+            "decoder layers (a replay overwrites outputs that backward still needs); "
+            "use " + " or ".join([*COMPILE_MODES, "null"])
+        )
     _require(
         mode is None or mode in COMPILE_MODES,
         "model.compile_mode",

@@ -37,7 +37,6 @@ SCALARS = {
     "lora_target_modules": "adapter.target_modules",
     "lora_fan_in_fan_out": "adapter.fan_in_fan_out",
     "lora_model_dir": "adapter.lora_model_dir",
-    "gradient_checkpointing": "model.gradient_checkpointing",
     "learning_rate": "optimizer.lr",
     "weight_decay": "optimizer.weight_decay",
     "num_epochs": "trainer.max_epochs",
@@ -58,7 +57,7 @@ HANDLED = {
     "gradient_accumulation_steps", "optimizer", "lr_scheduler", "save_interval", "save_steps",
     "bf16", "fp16", "tf32", "wandb_project", "wandb_entity", "wandb_watch", "wandb_log_model",
     "evals_per_epoch", "eval_steps", "early_stopping_patience", "special_tokens",
-    "chat_template", "chat_template_jinja",
+    "chat_template", "chat_template_jinja", "gradient_checkpointing", "torch_compile",
 }  # fmt: skip
 # Keys users bring that lorafit knows of but does not support, with the reason.
 UNSUPPORTED = {
@@ -167,6 +166,7 @@ def convert(source: dict[str, Any], name: str = "config") -> tuple[list[str], di
                 value = False  # empty there means false
             _set(values, where, value)
     _batch(source, values)
+    _speed(source, values, check)
     _warmup(source, values, check)
     _validation(source, values, check)
     _checkpoints(source, values, check)
@@ -181,6 +181,26 @@ def convert(source: dict[str, Any], name: str = "config") -> tuple[list[str], di
         _set(values, "logger.wandb.watch", watch if watch not in (False, None, "false") else None)
         _set(values, "logger.wandb.log_adapter", bool(source.get("wandb_log_model")))
     return groups, values
+
+
+def _speed(source: dict, values: dict, check: Callable) -> None:
+    """Checkpointing, its offloaded form and torch.compile, as Axolotl spells them."""
+    if "gradient_checkpointing" in source:
+        form = source["gradient_checkpointing"]
+        check(
+            form in (True, False, None, "offload"),
+            f"gradient_checkpointing={form!r}: lorafit offloads to host memory ('offload'), "
+            "not to disk",
+        )
+        _set(values, "model.gradient_checkpointing", form == "offload" or bool(form))
+        if form == "offload":
+            _set(values, "model.offload_activations", True)
+    if "torch_compile" in source:
+        compile_ = source["torch_compile"]
+        check(
+            compile_ in (True, False, None), f"torch_compile={compile_!r}: expected true or false"
+        )
+        _set(values, "model.compile", bool(compile_))
 
 
 def _require(name: str) -> Callable[[bool, str], None]:

@@ -221,10 +221,14 @@ def test_on_a_gpu_the_chunked_mlp_lowers_backward_s_peak():
         grads = [p.grad.clone() for p in module.parameters() if p.requires_grad]
         results[name] = (loss.detach(), grads, peak)
     (loss, grads, peak), (chunked_loss, chunked_grads, chunked_peak) = results.values()
-    # cuBLAS may pick other kernels for fewer rows: the loss within their rounding.
-    torch.testing.assert_close(chunked_loss, loss, rtol=1e-4, atol=0)
-    errors = [_relative_error(g, e) for g, e in zip(chunked_grads, grads, strict=True)]
-    assert max(errors) < 2**-7
     # An MLP-wide fp32 tensor here: 4096 x 4096 x 4 bytes, 64 MiB; at least one less. Not
     # more: the chunks' kept `gate` and `up` still add up to one call's (chunked_mlp.py).
     assert peak - chunked_peak >= 64 * MIB, (peak / MIB, chunked_peak / MIB)
+    # cuBLAS may pick other kernels for fewer rows: the loss within their rounding.
+    torch.testing.assert_close(chunked_loss, loss, rtol=1e-4, atol=0)
+    # Each chunk's bf16 products rounded apart, and on CUDA attention's backward summing with
+    # atomics: an H200 measured up to 1.02% (relative norm) against one call, the bound the
+    # compiled layers' test allows for bf16 rounded in another order. A chunk misplaced or
+    # left out parts by far more (the CPU tests above).
+    errors = [_relative_error(g, e) for g, e in zip(chunked_grads, grads, strict=True)]
+    assert max(errors) < 2**-6, max(errors)
