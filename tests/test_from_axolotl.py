@@ -41,14 +41,9 @@ def test_the_example_converts_to_the_canonical_experiment_key_for_key(tmp_path, 
         _resolved(conf, "mistral7b_qlora_alpaca2k"),
     )
     # The experiment adds lorafit's fastest measured settings, which the example does not name.
-    assert (canonical["model"].pop("compile"), canonical["model"].pop("offload_activations")) == (
-        True,
-        True,
-    )
-    assert (converted["model"].pop("compile"), converted["model"].pop("offload_activations")) == (
-        False,
-        False,
-    )
+    speed = ("compile", "offload_activations")
+    assert [canonical["model"].pop(key) for key in speed] == [True, True]
+    assert [converted["model"].pop(key) for key in speed] == [False, False]
     assert converted == canonical
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         logger = compose("train", overrides=["experiment=from_example"]).logger
