@@ -112,3 +112,28 @@ def test_a_resumed_run_keeps_the_best_validation_loss_of_the_run_it_resumed(tmp_
     assert float(callback.best_model_score) == pytest.approx(best)
     assert Path(callback.best_model_path) == best_file and best_file.is_file()
     assert list((tmp_path / "resumed" / "checkpoints").glob("best-*.ckpt")) == []
+
+
+@pytest.mark.slow
+def test_a_compiled_offloaded_qlora_run_resumes_exactly(tmp_path):
+    # The canonical experiment's speed settings (model.compile, model.offload_activations): the
+    # compiled modules keep their parameters' names, so a checkpoint loads back into them.
+    run = [
+        *TINY,
+        "adapter=qlora",
+        "adapter.dropout=0.1",
+        "trainer=cpu_bf16",
+        "model.gradient_checkpointing=true",
+        "model.compile=true",
+        "model.offload_activations=true",
+        "trainer.max_steps=4",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        "callbacks.model_checkpoint.save_top_k=-1",
+    ]
+    train(compose_config(run, tmp_path / "unbroken"))
+    unbroken = logged(tmp_path / "unbroken", "train/loss")
+    checkpoint = tmp_path / "unbroken" / "checkpoints" / "step000002.ckpt"
+    train(compose_config([*run, f"resume_from_checkpoint={checkpoint}"], tmp_path / "resumed"))
+    resumed = logged(tmp_path / "resumed", "train/loss")
+    assert len(unbroken) == 4 and len(resumed) == 2
+    torch.testing.assert_close(resumed, unbroken[2:], rtol=0, atol=1e-6)
