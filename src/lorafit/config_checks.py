@@ -172,18 +172,13 @@ def check_values(cfg: DictConfig) -> None:
     every = model.get("checkpoint_every", 1)
     _require(_is_int(every) and every >= 1, "model.checkpoint_every", every, "an integer >= 1")
     mode = model.get("compile_mode")
+    modes = " or ".join([*COMPILE_MODES, "null"])
     if mode in CUDA_GRAPH_MODES:
         raise ConfigError(
             f"model.compile_mode={mode!r}: CUDA graphs do not work with lorafit's compiled "
-            "decoder layers (a replay overwrites outputs that backward still needs); "
-            "use " + " or ".join([*COMPILE_MODES, "null"])
+            f"decoder layers (a replay overwrites outputs that backward still needs); use {modes}"
         )
-    _require(
-        mode is None or mode in COMPILE_MODES,
-        "model.compile_mode",
-        mode,
-        " or ".join([*COMPILE_MODES, "null"]),
-    )
+    _require(mode is None or mode in COMPILE_MODES, "model.compile_mode", mode, modes)
     chunk = model.get("mlp_chunk_tokens")
     _require(
         chunk is None or (_is_int(chunk) and chunk >= 1),

@@ -192,7 +192,7 @@ def _speed(source: dict, values: dict, check: Callable) -> None:
             f"gradient_checkpointing={form!r}: lorafit offloads to host memory ('offload'), "
             "not to disk",
         )
-        _set(values, "model.gradient_checkpointing", form == "offload" or bool(form))
+        _set(values, "model.gradient_checkpointing", bool(form))
         if form == "offload":
             _set(values, "model.offload_activations", True)
     if "torch_compile" in source:
