@@ -1,0 +1,150 @@
+"""lorafit's bitsandbytes optimizers: bitsandbytes' updates bit for bit, with one wait for the
+device a step instead of one a tensor (src/lorafit/optimizers.py)."""
+
+from __future__ import annotations
+
+import warnings
+
+import bitsandbytes.optim as bnb_optim
+import pytest
+import torch
+from bitsandbytes.optim import optimizer as bnb_optimizer
+
+from helpers import TINY, compose_config, logged
+from lorafit import optimizers
+from lorafit.training import train
+
+PAIRS = [
+    (bnb_optim.PagedAdamW32bit, optimizers.PagedAdamW32bit),
+    (bnb_optim.PagedAdamW8bit, optimizers.PagedAdamW8bit),
+    (bnb_optim.AdamW8bit, optimizers.AdamW8bit),
+]
+IDS = [stock.__name__ for stock, _ in PAIRS]
+
+
+def _parameters(seed: int = 0) -> list[torch.nn.Parameter]:
+    # Shapes of LoRA's A and B, and one over bitsandbytes' 4,096-value floor for 8-bit states.
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(8, 64), (64, 8), (8, 640), (640, 8), (3,)]
+    return [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
+
+
+def _steps(cls, steps: int = 3) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Parameters and optimizer states after `steps` updates with seeded gradients."""
+    params = _parameters()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "paged optimizers are not supported on CPU"
+        optimizer = cls(params, lr=1e-2, weight_decay=0.01)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+            optimizer.step()
+    states = [v for p in params for v in optimizer.state[p].values() if torch.is_tensor(v)]
+    return [p.detach().clone() for p in params], states
+
+
+@pytest.mark.parametrize(("stock", "ours"), PAIRS, ids=IDS)
+def test_the_updates_are_bitsandbytes_own_bit_for_bit(stock, ours):
+    (stock_params, stock_states), (params, states) = _steps(stock), _steps(ours)
+    assert len(states) == len(stock_states) > len(params)
+    for actual, expected in zip(params + states, stock_params + stock_states, strict=True):
+        assert actual.dtype == expected.dtype
+        assert torch.equal(actual, expected)
+    assert not torch.equal(params[0], _parameters()[0])  # the step did update
+
+
+class _Waits:
+    """Stands in for bitsandbytes' `sync_gpu` and counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, tensor: torch.Tensor) -> None:
+        self.calls += 1
+
+
+@pytest.mark.parametrize(("stock", "ours"), PAIRS, ids=IDS)
+def test_a_step_waits_once_where_bitsandbytes_waits_once_a_tensor(stock, ours, monkeypatch):
+    counts = {}
+    for cls in (stock, ours):
+        waits = _Waits()
+        monkeypatch.setattr(bnb_optimizer, "sync_gpu", waits)
+        _steps(cls, steps=2)
+        counts[cls] = waits.calls
+        assert bnb_optimizer.sync_gpu is waits  # put back after each step
+    tensors, paged = len(_parameters()), stock.__name__.startswith("Paged")
+    assert counts[stock] == 2 * (tensors + paged)
+    assert counts[ours] == (2 if paged else 0)
+
+
+def test_the_closure_runs_with_grad_and_bitsandbytes_waits_in_place(monkeypatch):
+    waits = _Waits()
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", waits)
+    params = _parameters()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimizer = optimizers.PagedAdamW32bit(params, lr=1e-2)
+    seen = {}
+
+    def closure():
+        seen["grad"] = torch.is_grad_enabled()
+        seen["wait"] = bnb_optimizer.sync_gpu
+        loss = sum((p**2).sum() for p in params)
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure)
+    assert seen == {"grad": True, "wait": waits}
+    assert loss is not None and loss.requires_grad
+    assert waits.calls == 1
+
+
+def test_a_run_with_paged_adamw_logs_bitsandbytes_losses(tmp_path):
+    run = [*TINY, "optimizer=paged_adamw_32bit", "optimizer.lr=1e-3", "trainer.max_steps=4"]
+    cfg = compose_config(run, tmp_path / "ours")
+    assert cfg.optimizer._target_ == "lorafit.optimizers.PagedAdamW32bit"
+    train(cfg)
+    stock = "optimizer._target_=bitsandbytes.optim.PagedAdamW32bit"
+    train(compose_config([*run, stock], tmp_path / "stock"))
+    ours, theirs = (logged(tmp_path / name, "train/loss") for name in ("ours", "stock"))
+    assert len(ours) == 4 and ours[0] != ours[-1]
+    assert ours == theirs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_paged_adamw_waits_once_a_step_with_bitsandbytes_numbers(monkeypatch):
+    # The canonical job's trained tensors: LoRA r=32 A and B of the 7 projections of
+    # Mistral-7B's 32 layers (448 tensors, 84M fp32 values), paged 32-bit AdamW states.
+    sizes = [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096)]
+    sizes += [(4096, 14336), (4096, 14336), (14336, 4096)]
+    shapes = [s for n_in, n_out in sizes for s in ((32, n_in), (n_out, 32))] * 32
+    real = torch.cuda.synchronize
+    waits = {"calls": 0}
+
+    def counted(device=None):
+        waits["calls"] += 1
+        real(device)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", counted)
+    results, calls = {}, {}
+    for cls in (bnb_optim.PagedAdamW32bit, optimizers.PagedAdamW32bit):
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        params = [
+            torch.nn.Parameter(torch.randn(s, device="cuda", generator=generator) * 0.01)
+            for s in shapes
+        ]
+        optimizer = cls(params, lr=1e-4)
+        waits["calls"] = 0
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, device="cuda", generator=generator) * 1e-3
+            optimizer.step()
+        calls[cls] = waits["calls"]
+        results[cls] = [p.detach() for p in params[:14]] + [params[-1].detach()]
+    assert len(shapes) == 448
+    assert calls[bnb_optim.PagedAdamW32bit] >= 3 * 448  # bitsandbytes: one wait a tensor
+    assert calls[optimizers.PagedAdamW32bit] == 3
+    for ours, stock in zip(*results.values(), strict=True):
+        assert torch.equal(ours, stock)
