@@ -38,13 +38,21 @@ class StepMeter:
     `step_end` is called once an optimizer step (with its zero_grad) has finished; the timed
     window runs from the end of the last warm-up step to the end of the last step, so data
     loading, collation, the optimizer and everything else between steps are inside it.
-    With `profile`, torch.profiler records the two steps after the warm-up.
+    With `profile`, torch.profiler records the two steps after the warm-up, and writes them to
+    `trace` (gzipped Chrome trace JSON) when one is named; on CUDA it also reports the share of
+    that window in which the GPU was running kernels.
+
+    lorafit's variants also note, each step, where the host's wall-clock went (`PHASES`).
     """
 
-    def __init__(self, warmup: int, cuda: bool, profile: bool):
+    def __init__(self, warmup: int, cuda: bool, profile: bool, trace: str | None = None):
         self.warmup = warmup
         self.cuda = cuda
         self.profile = profile
+        self.trace = trace
+        self.gpu_busy_share: float | None = None
+        # Per step: host seconds in each of PHASES (lorafit's variants only).
+        self.phases: list[dict[str, float]] = []
         self.times: list[float] = []
         self.usage: list[resource.struct_rusage] = []  # this process's CPU time and faults
         self.tokens: list[int] = []
@@ -88,6 +96,10 @@ class StepMeter:
 
     def _stop_profiler(self) -> None:
         self._profiler.stop()
+        if self.cuda:
+            self.gpu_busy_share = gpu_busy_share(self._profiler.events())
+        if self.trace:
+            _write_trace(self._profiler, self.trace)
         averages = self._profiler.key_averages()
         self.profile_table = averages.table(sort_by="self_cpu_time_total", row_limit=25)
         if self.cuda:
@@ -105,9 +117,18 @@ class StepMeter:
         losses = self.losses[timed]
         start, end = self.usage[self.warmup - 1], self.usage[-1]
         user, system = end.ru_utime - start.ru_utime, end.ru_stime - start.ru_stime
+        timed_phases = self.phases[self.warmup :]
         return {
             "steps": steps,
             "seconds": elapsed,
+            # Mean host seconds a timed step in each phase (PHASES), lorafit's variants only.
+            "host_phases_s": {
+                name: sum(p.get(name, 0.0) for p in timed_phases) / len(timed_phases)
+                for name in PHASES
+            }
+            if timed_phases
+            else None,
+            "gpu_busy_share": self.gpu_busy_share,
             "tokens": tokens,
             "tokens_per_s": tokens / elapsed,
             "tokens_per_step": tokens / steps,
@@ -121,6 +142,49 @@ class StepMeter:
             "step_losses": self.losses,
             "step_tokens": self.tokens,
         }
+
+
+# Where a lorafit step's wall-clock goes, as the host sees it (no synchronisation is added:
+# the two waits named here are the step's own). Lightning's hooks mark the boundaries:
+# - forward: from the batch's start until backward is called (the host issuing the forward);
+# - backward: issuing backward, checkpointed layers' recomputation included;
+# - backward's tail: Lightning's hooks before the optimizer step, where reading the step's loss
+#   waits for the GPU to finish the backward: long when the GPU sets the pace;
+# - optimizer: gradient clipping and the optimizer's update;
+# - optimizer's tail: the meter's wait for the GPU at the step's end;
+# - between steps: logging, the next batch's loading and collation, Lightning's loop.
+PHASES = ("forward", "backward", "backward's tail", "optimizer", "optimizer's tail", "between")
+
+
+def gpu_busy_share(events) -> float | None:
+    """The share of a profiled window in which at least one GPU kernel ran: the union of the
+    kernels' intervals over the window from the first event's start to the last one's end."""
+    from torch.autograd import DeviceType
+
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
+    if not spans:
+        return None
+    window = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
+    busy, reach = 0.0, -math.inf
+    for start, end in spans:
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy / window if window > 0 else None
+
+
+def _write_trace(profiler, path: str) -> None:
+    import gzip
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as plain:
+        profiler.export_chrome_trace(plain.name)
+        with open(plain.name, "rb") as source, gzip.open(path, "wb") as target:
+            target.write(source.read())
 
 
 # ---------------------------------------------------------------- data shared by the peers
@@ -214,17 +278,41 @@ def run_lorafit(spec: dict, cfg, meter: StepMeter) -> None:
         def __init__(self) -> None:
             self.global_step = 0
             self.loss = math.nan
+            self.phases: dict[str, float] = {}
+            self.mark = time.perf_counter()
+
+        def _lap(self, phase: str) -> None:
+            """Add the time since the last mark to `phase` (micro-batches add up)."""
+            now = time.perf_counter()
+            self.phases[phase] = self.phases.get(phase, 0.0) + now - self.mark
+            self.mark = now
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self._lap("between")
+
+        def on_before_backward(self, trainer, pl_module, loss) -> None:
+            self._lap("forward")
+
+        def on_after_backward(self, trainer, pl_module) -> None:
+            self._lap("backward")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self._lap("optimizer")
             meter.add_tokens(int(batch["real_tokens"]))
             if trainer.global_step != self.global_step:  # this micro-batch ended a step
                 self.global_step = trainer.global_step
                 meter.losses.append(self.loss)
                 meter.step_end()
+                self._lap("optimizer's tail")
+                # The first step's "between" holds the run's start: the meter times from the
+                # end of the warm-up, and the phases of warm-up steps are left out.
+                meter.phases.append(self.phases)
+                self.phases = {}
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
             # Callbacks run before the module's hook, which resets the step's summed loss.
             self.loss = float(getattr(pl_module, "step_loss", math.nan))
+            self._lap("backward's tail")
 
     run = build_run(cfg)
     run.trainer.callbacks.append(LightningMeter())
@@ -438,7 +526,9 @@ def main() -> None:
     import torch
 
     cuda = spec["device"] == "cuda"
-    meter = StepMeter(spec["warmup"], cuda=cuda, profile=spec.get("profile", False))
+    meter = StepMeter(
+        spec["warmup"], cuda=cuda, profile=spec.get("profile", False), trace=spec.get("trace")
+    )
     output_dir = spec["output_dir"]
     cfg = compose(spec["overrides"], output_dir)
     # Packed variants take one row a step; the others as many examples as a row holds.

@@ -337,6 +337,9 @@ def run_variant(variant: Variant, args: argparse.Namespace, folder: Path) -> Var
         "profile": bool(args.profile),
         "output_dir": str(work / "run"),
     }
+    if args.profile and args.out:  # the GPU's trace, beside the results: name-trace-KEY.json.gz
+        name = f"{args.out.stem}-trace-{variant.key.replace('@', '_')}.json.gz"
+        spec["trace"] = str(args.out.with_name(name).resolve())
     (work / "spec.json").write_text(json.dumps(spec))
     log = work / "log.txt"
     env = {
@@ -505,6 +508,24 @@ def table(variants: list[Variant], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def phases_table(variants: list[Variant]) -> str | None:
+    """Where each lorafit variant's step went, as host seconds a step (peer_worker.PHASES, in
+    the order the worker wrote them)."""
+    rows = [v for v in variants if v.status == "ok" and v.result.get("host_phases_s")]
+    if not rows:
+        return None
+    PHASES = list(rows[0].result["host_phases_s"])  # noqa: N806
+    columns = ["variant", *PHASES, "s a step", "GPU busy (profiled)"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for v in rows:
+        phases = v.result["host_phases_s"]
+        busy = v.result.get("gpu_busy_share")
+        cells = [v.label, *(f"{phases[p]:.3f}" for p in PHASES)]
+        cells += [f"{sum(phases.values()):.3f}", "-" if busy is None else f"{busy:.1%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(variants: list[Variant], args: argparse.Namespace, data: str) -> str:
     ok = [v for v in variants if v.status == "ok"]
     examples = sorted({v.result["examples_per_step"] for v in ok if v.kind not in PACKED})
@@ -546,6 +567,18 @@ def report(variants: list[Variant], args: argparse.Namespace, data: str) -> str:
             "less the input embedding, against "
             f"{args.peak_tflops:g} TFLOP/s; attention FLOPs are not counted."
         )
+    phases = phases_table(variants)
+    if phases:
+        lines += [
+            "",
+            "where a lorafit step's wall-clock went, host seconds a timed step (mean): forward "
+            "and backward: issuing them; backward's tail: waiting at the step's loss for the "
+            "GPU to finish backward; optimizer: clipping and the update; optimizer's tail: "
+            "waiting for the GPU at the step's end; between: logging, data, Lightning's loop. "
+            "GPU busy: the share of the profiled steps in which a kernel ran (--profile).",
+            "",
+            phases,
+        ]
     lines.append(f"the whole run, model loads included: {args.wall_s:.0f} s")
     if args.jobs > 1:
         lines.append(f"{args.jobs} variants ran at once: these timings do not compare.")

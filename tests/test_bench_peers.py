@@ -33,9 +33,16 @@ GPU_SUITE = {
 }
 
 
-def _table_rows(stdout: str) -> dict[str, list[str]]:
-    rows = [line.strip("| ").split(" | ") for line in stdout.splitlines() if line.startswith("| ")]
-    return {cells[0]: cells for cells in rows[2:]}  # past the header and its rule
+def _table_rows(stdout: str, which: int = 0) -> dict[str, list[str]]:
+    """The rows of the report's `which`-th table (0: the main one), by variant."""
+    tables, rows = [], []
+    for line in [*stdout.splitlines(), ""]:
+        if line.startswith("| "):
+            rows.append(line.strip("| ").split(" | "))
+        elif rows:
+            tables.append(rows)
+            rows = []
+    return {cells[0]: cells for cells in tables[which][2:]}  # past the header and its rule
 
 
 @pytest.mark.slow
@@ -75,6 +82,15 @@ def test_every_variant_trains_at_the_tiny_shape(tmp_path: Path) -> None:
             assert float(table[variant["label"]][1]) > 0
             assert math.isfinite(float(table[variant["label"]][4]))
         assert "command: python bench/peers.py" in stdout and "torch " in stdout
+        # Where lorafit's steps went: its phases add up to the timed wall-clock.
+        phases = _table_rows(stdout, which=1)
+        assert set(phases) == {"lorafit packed", "lorafit unpacked"} & set(table), stdout
+        for variant in raw["variants"]:
+            if variant["kind"].startswith("lorafit"):
+                result = variant["result"]
+                spent = sum(result["host_phases_s"].values()) * result["steps"]
+                assert spent == pytest.approx(result["seconds"], rel=0.05)
+                assert result["host_phases_s"]["forward"] > 0
 
 
 def _harness():
@@ -206,3 +222,44 @@ def test_a_gpu_worker_builds_the_random_model_before_its_peaks_count(monkeypatch
     written = (built[0] / "config.json").stat().st_mtime_ns
     assert instantiate(cfg.model.source).prepare() == built[0]
     assert (built[0] / "config.json").stat().st_mtime_ns == written  # found, not built again
+
+
+def test_the_gpu_busy_share_is_the_union_of_the_kernels_over_the_window() -> None:
+    """Overlapping kernels (two streams) count once; the window runs from the first event of
+    any kind to the last."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from peer_worker import gpu_busy_share
+
+    def event(device, start, end):
+        return SimpleNamespace(device_type=device, time_range=SimpleNamespace(start=start, end=end))
+
+    cpu, cuda = DeviceType.CPU, DeviceType.CUDA
+    events = [event(cpu, 0, 100), event(cuda, 10, 30), event(cuda, 20, 40), event(cuda, 60, 70)]
+    assert gpu_busy_share(events) == pytest.approx(0.4)  # 10-40 and 60-70 of 0-100
+    assert gpu_busy_share([event(cpu, 0, 100)]) is None
+
+
+@pytest.mark.slow
+def test_a_profiled_variant_writes_its_trace_beside_the_results(tmp_path: Path) -> None:
+    import gzip
+
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(HARNESS), "--tiny", "--sequence-len", "256", "--warmup", "1"]
+        + ["--steps", "3", "--profile", "lorafit-packed", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    written = tmp_path / "bench-trace-lorafit-packed.json.gz"
+    trace = json.loads(gzip.decompress(written.read_bytes()))
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any("aten::" in name for name in names)
+    assert "top 25 by self CPU time" in done.stdout
