@@ -94,6 +94,13 @@ LEVERS = {
     "offload": ["model.offload_activations=true"],
     "bf16-offload": ["adapter.upcast_unquantized=false", "model.offload_activations=true"],
     "compile-offload": ["model.compile=true", "model.offload_activations=true"],
+    # Each decoder layer's forward compiled whole: two graphs a layer, not eight modules
+    "compile-layers": ["model.compile=true", "model.compile_scope=layers"],
+    "compile-layers-offload": [
+        "model.compile=true",
+        "model.compile_scope=layers",
+        "model.offload_activations=true",
+    ],
     "compile-liger": ["model.compile=true", "model.liger_kernels=true"],
     # Each layer's MLP over 2048 tokens at a time: backward's MLP-wide gradients a chunk at a
     # time, for more host work (the MLP's operators once a chunk)

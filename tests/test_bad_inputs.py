@@ -327,6 +327,12 @@ CASES = [
         r"model\.compile_mode='reduce-overhead': CUDA graphs do not work",
     ),
     (
+        "a compile scope lorafit does not have",
+        ["model.compile=true", "model.compile_scope=model"],
+        None,
+        r"model\.compile_scope='model': expected modules or layers",
+    ),
+    (
         "MLP chunks of no tokens",
         ["model.mlp_chunk_tokens=0"],
         None,

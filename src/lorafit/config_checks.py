@@ -65,6 +65,9 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 # what an earlier replay wrote: on an H200 (torch 2.11) training stopped in the first backward,
 # reading outputs a later replay had overwritten.
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+# What `model.compile` compiles (`model.compile_scope`): a layer's modules apart, or each
+# decoder layer's forward whole.
+COMPILE_SCOPES = ("modules", "layers")
 WANDB_WATCH = ("gradients", "parameters", "all")
 
 
@@ -179,6 +182,8 @@ def check_values(cfg: DictConfig) -> None:
             f"decoder layers (a replay overwrites outputs that backward still needs); use {modes}"
         )
     _require(mode is None or mode in COMPILE_MODES, "model.compile_mode", mode, modes)
+    scope = model.get("compile_scope", "modules")
+    _require(scope in COMPILE_SCOPES, "model.compile_scope", scope, " or ".join(COMPILE_SCOPES))
     chunk = model.get("mlp_chunk_tokens")
     _require(
         chunk is None or (_is_int(chunk) and chunk >= 1),

@@ -29,17 +29,29 @@ that is about 140 GB of a step's memory traffic by count (docs/benchmarks.md).
 Why: at 2048 tokens an H200 spends half of a QLoRA step waiting for the host to dispatch some
 17,000 kernels, and over half of its own time in casts and elementwise passes, not matrix
 products (docs/benchmarks.md); fusing is the lever for both.
+
+That is `model.compile_scope=modules`. With `layers`, each decoder layer's forward is compiled
+whole instead (`compile_whole_layers`), around the same eager attention core. In either scope a
+graph may hold several dropouts (the MLP's three; a whole layer's seven), whose masks are drawn
+in eager order (`lora_dropout.order_compiled_draws`): left to the compiler's scheduling, a whole
+layer's masks went to other projections than eager's, and the gradients with them.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
+import types
 from collections.abc import Callable
 
 import torch
+from transformers import AttentionInterface
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from lorafit.model import packed_attention
 from lorafit.model.chunked_mlp import compile_chunks
+from lorafit.model.lora_dropout import order_compiled_draws
 
 # The module-level function transformers' attention modules apply the rotary embedding with.
 ROTARY = "apply_rotary_pos_emb"
@@ -58,6 +70,7 @@ def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None) -> i
     # The dropout masks must stay those of eager torch (and peft): random draws go to torch's
     # own generator, never inductor's (tests/model/test_compiled_layers.py).
     inductor.fallback_random = True
+    _order_draws(model)
     compiled = 0
     for layer in (m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)):
         for name, child in layer.named_children():
@@ -89,3 +102,74 @@ def compile_rotary(model: torch.nn.Module, mode: str | None = None) -> Callable[
             setattr(code, ROTARY, original)
 
     return undo
+
+
+def compile_whole_layers(model: torch.nn.Module, mode: str | None = None) -> Callable[[], None]:
+    """`model.compile_scope=layers`: each decoder layer's forward compiled as a whole (inside its
+    gradient checkpoint), in torch.compile's `mode`; returns what undoes it.
+
+    The modules scope enters eight compiled modules a layer, three times a step (forward,
+    recomputation, backward), each through its own guards and runtime wrappers; at 2048 tokens
+    a GPU waits on that host work (docs/benchmarks.md). Here a layer is two graphs: the input
+    norm, projections and rotary embedding up to the attention core, and from the attention's
+    output projection to the layer's end (its residual adds, second norm and MLP fused with
+    their neighbours). The attention core between them stays eager for `sdpa_packed`'s reason
+    (module docstring): it is registered here as a function the compiler does not enter, and
+    the compiler resumes after it inside the same layer (`nested_graph_breaks`, where this
+    torch has it; otherwise the attention module's forward is a third graph).
+
+    The layers share one compiled function (the layer class's forward, without transformers'
+    wrappers, whose code other layers' forwards share): its variants are the forward without
+    autograd (reentrant checkpointing), the recomputation, and the first layer's forward,
+    whose input needs no gradient. Random draws stay torch's own, as in the modules scope.
+    """
+    import torch._dynamo.config as dynamo
+    import torch._inductor.config as inductor
+
+    inductor.fallback_random = True
+    _order_draws(model)
+    nested = getattr(dynamo, "nested_graph_breaks", None)
+    if nested is not None:
+        dynamo.nested_graph_breaks = True
+    eager_attention = AttentionInterface._global_mapping.get(packed_attention.NAME)
+    if eager_attention is not None:
+        AttentionInterface.register(packed_attention.NAME, torch.compiler.disable(eager_attention))
+    compiled: dict[type, Callable] = {}
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        cls = type(layer)
+        if cls not in compiled:
+            compiled[cls] = torch.compile(inspect.unwrap(cls.forward), mode=mode)
+        # On the instance, in place of transformers' checkpointing wrapper, which calls the
+        # class's forward it closes over.
+        layer.forward = types.MethodType(_checkpointed(compiled[cls]), layer)
+
+    def undo() -> None:
+        for layer in layers:
+            del layer.forward
+        if eager_attention is not None:
+            AttentionInterface.register(packed_attention.NAME, eager_attention)
+        if nested is not None:
+            dynamo.nested_graph_breaks = nested
+
+    return undo
+
+
+def _checkpointed(forward: Callable) -> Callable:
+    """A decoder layer's forward through its gradient checkpoint, as transformers' wrapper
+    does it for training (caches are off there), calling `forward` for the layer's own."""
+
+    def layer_forward(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            layer = functools.partial(forward, self, **kwargs)
+            return self._gradient_checkpointing_func(layer, *args)
+        return forward(self, *args, **kwargs)
+
+    return layer_forward
+
+
+def _order_draws(model: torch.nn.Module) -> None:
+    """The compiled dropout masks drawn in eager order on each device the model's weights are on
+    (`lora_dropout.order_compiled_draws`)."""
+    for device in {p.device for p in model.parameters()}:
+        order_compiled_draws(device)

@@ -130,7 +130,40 @@ def draw_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     torch's per-element casting loop on CPU, 40x slower (`bench/mask_product.py`). Drawn as
     uint8, not as bool viewed as uint8: torch 2.11's compiler cannot lower that view (on any
     device), and `model.compile` failed on a GPU there (`tests/model/test_compiled_layers.py`)."""
+    if torch.compiler.is_compiling() and x.device in _DRAW_ORDER:
+        return _ordered_mask(x, p, _DRAW_ORDER[x.device])
+    return _mask(x, p)
+
+
+def _mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.uint8, device=x.device).bernoulli_(1 - p)
+
+
+# Compiled code draws each mask where eager code does, in the same order: a compiled graph
+# holding several dropouts (a whole decoder layer, or an MLP's three projections) may otherwise
+# schedule their draws in another order, handing one projection's random numbers to another
+# (and recomputation then draws other masks than the forward did). Each draw inside compiled
+# code is one call of `lorafit::ordered_mask`, which writes a one-value tensor per device that
+# every draw shares: the compiler keeps writes to one tensor in program order. Eager code draws
+# as before (`_mask`).
+_DRAW_ORDER: dict[torch.device, torch.Tensor] = {}
+
+
+def order_compiled_draws(device: torch.device) -> None:
+    """Before compiling a model on `device`: its compiled dropout masks drawn in eager order."""
+    device = torch.device(device)
+    if device not in _DRAW_ORDER:
+        _DRAW_ORDER[device] = torch.zeros(1, dtype=torch.uint8, device=device)
+
+
+@torch.library.custom_op("lorafit::ordered_mask", mutates_args={"order"})
+def _ordered_mask(x: torch.Tensor, p: float, order: torch.Tensor) -> torch.Tensor:
+    return _mask(x, p)
+
+
+@_ordered_mask.register_fake
+def _(x: torch.Tensor, p: float, order: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=torch.uint8, device=x.device)
 
 
 # Devices that take the CPU's forms of the operations below. A GPU kernel casts its operands

@@ -21,7 +21,11 @@ from lorafit.errors import ConfigError
 from lorafit.model import packed_attention
 from lorafit.model.adapters import trainable_parameters
 from lorafit.model.chunked_mlp import chunk_mlps
-from lorafit.model.compiled_layers import compile_decoder_layers, compile_rotary
+from lorafit.model.compiled_layers import (
+    compile_decoder_layers,
+    compile_rotary,
+    compile_whole_layers,
+)
 from lorafit.model.fused_loss import linear_cross_entropy_sum
 from lorafit.model.isolation import IsolationReport, check_isolation
 from lorafit.model.liger import apply_liger_kernels, check_liger
@@ -80,7 +84,7 @@ class CausalLMModule(pl.LightningModule):
         # model.compile: whether this module's decoder layers were compiled for training, and
         # what puts back the rotary embedding's eager function when the run ends.
         self._compiled = False
-        self._undo_rotary: Callable[[], None] | None = None
+        self._undo_compile: Callable[[], None] | None = None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -119,8 +123,12 @@ class CausalLMModule(pl.LightningModule):
             )
         if fitting and spec.get("compile", False):
             mode = spec.get("compile_mode")
-            log.info("compiled decoder layers: %d", compile_decoder_layers(self.model, mode))
-            self._undo_rotary = compile_rotary(self.model, mode)
+            if spec.get("compile_scope", "modules") == "layers":
+                self._undo_compile = compile_whole_layers(self.model, mode)
+                log.info("compiled decoder layers: whole")
+            else:
+                log.info("compiled decoder layers: %d", compile_decoder_layers(self.model, mode))
+                self._undo_compile = compile_rotary(self.model, mode)
             self._compiled = True
         # from_pretrained returns eval mode, and Lightning keeps the modes it finds: without
         # this, dropout (lora_dropout included) would silently never apply.
@@ -257,11 +265,12 @@ class CausalLMModule(pl.LightningModule):
         self._step_started = time.perf_counter()
 
     def teardown(self, stage: str) -> None:
-        # The compiled rotary function replaced transformers' own for the process: later models
-        # in it (an eval after training, the next test) get the eager one back.
-        if self._undo_rotary is not None:
-            self._undo_rotary()
-            self._undo_rotary = None
+        # The compiled rotary function (or, compiling whole layers, the attention registered
+        # for the compiler to skip) replaced transformers' own for the process: later models in
+        # it (an eval after training, the next test) get the eager one back.
+        if self._undo_compile is not None:
+            self._undo_compile()
+            self._undo_compile = None
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [_TeardownOnException()] if self.hparams.model.get("compile", False) else []
