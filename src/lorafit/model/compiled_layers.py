@@ -53,6 +53,9 @@ from lorafit.model import packed_attention
 from lorafit.model.chunked_mlp import compile_chunks
 from lorafit.model.lora_dropout import order_compiled_draws
 
+# Whether this transformers checkpoints a decoder layer in its __call__ (before 5.2x; the GPU
+# machines' 5.17) rather than in its forward.
+CHECKPOINTS_IN_CALL = "__call__" in vars(GradientCheckpointingLayer)
 # The module-level function transformers' attention modules apply the rotary embedding with.
 ROTARY = "apply_rotary_pos_emb"
 
@@ -140,9 +143,11 @@ def compile_whole_layers(model: torch.nn.Module, mode: str | None = None) -> Cal
         cls = type(layer)
         if cls not in compiled:
             compiled[cls] = torch.compile(inspect.unwrap(cls.forward), mode=mode)
-        # On the instance, in place of transformers' checkpointing wrapper, which calls the
-        # class's forward it closes over.
-        layer.forward = types.MethodType(_checkpointed(compiled[cls]), layer)
+        # On the instance. transformers 5.2x checkpoints a layer in its class's forward, which
+        # this replaces (calling the class's own forward it closes over); earlier versions
+        # checkpoint in the layer's __call__, which then calls this.
+        forward = compiled[cls] if CHECKPOINTS_IN_CALL else _checkpointed(compiled[cls])
+        layer.forward = types.MethodType(forward, layer)
 
     def undo() -> None:
         for layer in layers:
