@@ -359,9 +359,9 @@ OPTIMIZERS = {
     "bitsandbytes.optim.PagedAdamW8bit": "paged_adamw_8bit",
     "bitsandbytes.optim.AdamW8bit": "adamw_bnb_8bit",
     # lorafit's forms of those (one wait for the GPU a step); the peers keep transformers' own.
-    "lorafit.optimizers.PagedAdamW32bit": "paged_adamw_32bit",
-    "lorafit.optimizers.PagedAdamW8bit": "paged_adamw_8bit",
-    "lorafit.optimizers.AdamW8bit": "adamw_bnb_8bit",
+    "lorafit.model.optimizers.PagedAdamW32bit": "paged_adamw_32bit",
+    "lorafit.model.optimizers.PagedAdamW8bit": "paged_adamw_8bit",
+    "lorafit.model.optimizers.AdamW8bit": "adamw_bnb_8bit",
 }
 
 

@@ -74,7 +74,7 @@ LEVERS = {
     "sdpa_packed": ["model.attn_implementation=sdpa_packed"],  # the default; varlen on CUDA
     "adamw": ["optimizer=adamw"],  # torch's AdamW instead of the config's (paged on GPU)
     # bitsandbytes' own paged AdamW class, which waits for the GPU after each tensor's update
-    # (lorafit's waits once a step: src/lorafit/optimizers.py)
+    # (lorafit's waits once a step: src/lorafit/model/optimizers.py)
     "bnb-waits": ["optimizer._target_=bitsandbytes.optim.PagedAdamW32bit"],
     "plain-loss": ["model.loss_chunk_size=null"],  # the output layer's logits in full
     "no-dropout": ["adapter.dropout=0"],

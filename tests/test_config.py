@@ -47,7 +47,7 @@ def test_every_option_composes_and_builds(group, option, tmp_path):
     # Build the cheap objects each option feeds; models and trainers are built in run tests.
     assert isinstance(instantiate(cfg.adapter), LoraAdapter | FullFineTune)
     parameter = torch.nn.Parameter(torch.zeros(2))
-    if not cfg.optimizer._target_.startswith(("bitsandbytes", "lorafit.optimizers")):
+    if not cfg.optimizer._target_.startswith(("bitsandbytes", "lorafit.model.optimizers")):
         optimizer = instantiate(cfg.optimizer)([parameter])
         instantiate(cfg.scheduler)(optimizer, num_training_steps=10)
     for entry in (cfg.get("callbacks") or {}).values():
@@ -71,7 +71,7 @@ def test_article_job_composes_to_the_article_numbers(tmp_path):
     assert cfg.data.datasets[0].path == "mhenrichsen/alpaca_2k_test"
     assert cfg.data.val_set_size == 0.1
     assert cfg.model.gradient_checkpointing
-    assert cfg.optimizer._target_ == "lorafit.optimizers.PagedAdamW32bit"
+    assert cfg.optimizer._target_ == "lorafit.model.optimizers.PagedAdamW32bit"
     assert cfg.optimizer.lr == 1e-4 and cfg.trainer.gradient_clip_val == 0.3
 
 

@@ -8,7 +8,7 @@ one take turns instead of overlapping, and the kernels that follow the step star
 GPU. On one device nothing needs those waits: every update is a kernel on the same stream,
 queued in order, and the paged states' prefetches are stream-ordered too; nothing on the host
 reads a state between them. So the updates run as bitsandbytes writes them, the same kernels
-with the same arguments (the same numbers, bit for bit: tests/test_optimizers.py), and the
+with the same arguments (the same numbers, bit for bit: tests/model/test_optimizers.py), and the
 step waits once at its end where bitsandbytes waits after paged updates.
 
 Parameters spread over several devices (a model split by `device_map`) keep bitsandbytes'

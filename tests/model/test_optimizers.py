@@ -1,5 +1,5 @@
 """lorafit's bitsandbytes optimizers: bitsandbytes' updates bit for bit, with one wait for the
-device a step instead of one a tensor (src/lorafit/optimizers.py)."""
+device a step instead of one a tensor (src/lorafit/model/optimizers.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from bitsandbytes.optim import optimizer as bnb_optimizer
 
 from helpers import TINY, compose_config, logged
-from lorafit import optimizers
+from lorafit.model import optimizers
 from lorafit.training import train
 
 PAIRS = [
@@ -103,7 +103,7 @@ def test_the_closure_runs_with_grad_and_bitsandbytes_waits_in_place(monkeypatch)
 def test_a_run_with_paged_adamw_logs_bitsandbytes_losses(tmp_path):
     run = [*TINY, "optimizer=paged_adamw_32bit", "optimizer.lr=1e-3", "trainer.max_steps=4"]
     cfg = compose_config(run, tmp_path / "ours")
-    assert cfg.optimizer._target_ == "lorafit.optimizers.PagedAdamW32bit"
+    assert cfg.optimizer._target_ == "lorafit.model.optimizers.PagedAdamW32bit"
     train(cfg)
     stock = "optimizer._target_=bitsandbytes.optim.PagedAdamW32bit"
     train(compose_config([*run, stock], tmp_path / "stock"))
