@@ -44,7 +44,7 @@ WARMUP = 3
 PHASES = ("forward", "backward", "rest")
 
 
-def measure(lever: str, steps: int, data: list[str]) -> dict:
+def measure(lever: str, steps: int, data: list[str], layers: int = 32) -> dict:
     """Train the shrunk canonical job in this process; each step's phases in seconds."""
     import torch
     from lightning.pytorch.callbacks import Callback
@@ -76,7 +76,7 @@ def measure(lever: str, steps: int, data: list[str]) -> dict:
     torch.set_num_threads(1)  # one host thread dispatches, as on a GPU
     phases = Phases()
     extra = [*NARROW, *LEVERS.get(lever, []), f"trainer.max_steps={WARMUP + steps}"]
-    fit_preset(32, 128, data, extra, phases, gpu_memory=False)
+    fit_preset(layers, 128, data, extra, phases, gpu_memory=False)
     timed = phases.steps[WARMUP:-1]  # the last step's rest is the run's end
     return {key: statistics.median(s[key] for s in timed) for key in PHASES}
 
@@ -86,22 +86,27 @@ def main() -> None:
     parser.add_argument("--levers", default="default,compile,compile-layers")
     parser.add_argument("--steps", type=int, default=8, help="timed steps after 3 warm-up")
     parser.add_argument("--data", type=Path, default=ALPACA, help="alpaca rows (json)")
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers (the preset's 32)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     data, rows = data_overrides(args)
     if args.worker:
-        print(json.dumps(measure(args.worker, args.steps, data)))
+        print(json.dumps(measure(args.worker, args.steps, data, args.layers)))
         return
     levers = args.levers.split(",")
     unknown = sorted(set(levers) - {"default", *LEVERS})
     if unknown:
         sys.exit(f"unknown lever {unknown}; known: default, {', '.join(LEVERS)}")
-    print(f"rows: {rows}; {WARMUP} warm-up + {args.steps} timed steps; medians, seconds a step\n")
+    print(
+        f"rows: {rows}; {args.layers} layers; {WARMUP} warm-up + {args.steps} timed steps; "
+        "medians, seconds a step\n"
+    )
     print("| variant | forward | backward | rest | step | vs default |")
     print("| --- | --- | --- | --- | --- | --- |")
     base = None
     for lever in levers:
         command = [sys.executable, __file__, "--worker", lever, "--steps", str(args.steps)]
+        command += ["--layers", str(args.layers)]
         done = subprocess.run(
             [*command, "--data", str(args.data)], capture_output=True, text=True, cwd=ROOT
         )

@@ -82,7 +82,8 @@ class CausalLMModule(pl.LightningModule):
         # model.offload_activations: the saved-tensor hooks around each training forward.
         self._offload: HostOffload | None = None
         # model.compile: whether this module's decoder layers were compiled for training, and
-        # what puts back the rotary embedding's eager function when the run ends.
+        # what puts back, when the run ends, what compiling replaced for the process (the
+        # rotary embedding's eager function; compiling whole layers, the attention's).
         self._compiled = False
         self._undo_compile: Callable[[], None] | None = None
 
