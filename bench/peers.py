@@ -344,7 +344,7 @@ def run_variant(variant: Variant, args: argparse.Namespace, folder: Path) -> Var
         "profile": bool(args.profile),
         "output_dir": str(work / "run"),
     }
-    if args.profile and args.out:  # the GPU's trace, beside the results: name-trace-KEY.json.gz
+    if args.profile and args.out:  # the profiled steps' trace, beside the results
         name = f"{args.out.stem}-trace-{variant.key.replace('@', '_')}.json.gz"
         spec["trace"] = str(args.out.with_name(name).resolve())
     (work / "spec.json").write_text(json.dumps(spec))
@@ -521,13 +521,13 @@ def phases_table(variants: list[Variant]) -> str | None:
     rows = [v for v in variants if v.status == "ok" and v.result.get("host_phases_s")]
     if not rows:
         return None
-    PHASES = list(rows[0].result["host_phases_s"])  # noqa: N806
-    columns = ["variant", *PHASES, "s a step", "GPU busy (profiled)"]
+    names = list(rows[0].result["host_phases_s"])
+    columns = ["variant", *names, "s a step", "GPU busy (profiled)"]
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for v in rows:
         phases = v.result["host_phases_s"]
         busy = v.result.get("gpu_busy_share")
-        cells = [v.label, *(f"{phases[p]:.3f}" for p in PHASES)]
+        cells = [v.label, *(f"{phases[p]:.3f}" for p in names)]
         cells += [f"{sum(phases.values()):.3f}", "-" if busy is None else f"{busy:.1%}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
