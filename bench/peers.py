@@ -102,6 +102,14 @@ LEVERS = {
         "model.offload_activations=true",
     ],
     "compile-liger": ["model.compile=true", "model.liger_kernels=true"],
+    # 4-bit weights dequantized by one compiled kernel a product, not bitsandbytes' three
+    "dequant": ["model.dequantize=compiled"],
+    "compile-dequant": ["model.compile=true", "model.dequantize=compiled"],
+    "compile-layers-dequant": [
+        "model.compile=true",
+        "model.compile_scope=layers",
+        "model.dequantize=compiled",
+    ],
     # Each layer's MLP over 2048 tokens at a time: backward's MLP-wide gradients a chunk at a
     # time, for more host work (the MLP's operators once a chunk)
     "mlp-chunks": ["model.mlp_chunk_tokens=2048"],

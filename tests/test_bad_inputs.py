@@ -333,6 +333,12 @@ CASES = [
         r"model\.compile_scope='model': expected modules or layers",
     ),
     (
+        "a dequantizer lorafit does not have",
+        ["adapter=qlora", "model.dequantize=triton"],
+        None,
+        r"model\.dequantize='triton': expected bitsandbytes or compiled",
+    ),
+    (
         "MLP chunks of no tokens",
         ["model.mlp_chunk_tokens=0"],
         None,

@@ -14,6 +14,7 @@ from lorafit.data.rows import check_source_settings
 from lorafit.data.tokenization import OVERLONG_POLICIES
 from lorafit.errors import ConfigError, DataError
 from lorafit.folders import check_folder
+from lorafit.model.dequantize import DEQUANTIZERS
 from lorafit.model.liger import check_liger
 from lorafit.model.schedules import check_warmup
 
@@ -184,6 +185,8 @@ def check_values(cfg: DictConfig) -> None:
     _require(mode is None or mode in COMPILE_MODES, "model.compile_mode", mode, modes)
     scope = model.get("compile_scope", "modules")
     _require(scope in COMPILE_SCOPES, "model.compile_scope", scope, " or ".join(COMPILE_SCOPES))
+    dequantize = model.get("dequantize", "bitsandbytes")
+    _require(dequantize in DEQUANTIZERS, "model.dequantize", dequantize, " or ".join(DEQUANTIZERS))
     chunk = model.get("mlp_chunk_tokens")
     _require(
         chunk is None or (_is_int(chunk) and chunk >= 1),

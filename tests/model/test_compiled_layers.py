@@ -92,12 +92,15 @@ def test_on_a_gpu_compiled_layers_train_what_eager_layers_train(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_on_a_gpu_whole_compiled_layers_train_what_eager_layers_train(tmp_path):
-    # Triton's kernels, CUDA's random stream and torch's varlen attention between the graphs.
+@pytest.mark.parametrize("dequantize", ["bitsandbytes", "compiled"])
+def test_on_a_gpu_whole_compiled_layers_train_what_eager_layers_train(tmp_path, dequantize):
+    # Triton's kernels, CUDA's random stream and torch's varlen attention between the graphs;
+    # with `model.dequantize=compiled`, the 4-bit weights' dequantization in the graphs too.
     common = ["trainer=gpu", "adapter=qlora", "adapter.dropout=0.5"]
     common += ["model.gradient_checkpointing=true", "model.source.num_hidden_layers=4"]
     _fit(common, tmp_path / "eager")
-    _fit([*common, "model.compile=true", "model.compile_scope=layers"], tmp_path / "compiled")
+    compiled = ["model.compile=true", "model.compile_scope=layers"]
+    _fit([*common, *compiled, f"model.dequantize={dequantize}"], tmp_path / "compiled")
     _assert_same_losses(tmp_path)
 
 

@@ -48,6 +48,7 @@ import torch
 from peft.tuners.lora.bnb import Linear4bit
 from torch import nn
 
+from lorafit.model.dequantize import base_product, covers
 from lorafit.model.loaded_embeddings import HALF
 from lorafit.model.lora_dropout import (
     DropoutLinear,
@@ -176,6 +177,9 @@ class FusedBranchLinear4bit(Linear4bit):
     its layers are switched to (same state, same state dict)."""
 
     fp32_add = False  # `adapter.fp32_lora_add`, set by `add_updates_in_fp32`
+    # `model.dequantize`, set by `dequantize_in_torch`: None for bitsandbytes' dequantization,
+    # else whether the torch code that replaces it is compiled (tests run it eager too).
+    compiled_dequantize: bool | None = None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = _plain_adapter(self) if not args and not kwargs else None
@@ -212,6 +216,9 @@ class FusedBranchLinear4bit(Linear4bit):
         base = self.base_layer
         hooked = base._forward_hooks or base._forward_pre_hooks
         if base.compute_type_is_set and base.compute_dtype is not None and not hooked:
+            if self.compiled_dequantize is not None:
+                half = x.to(base.compute_dtype)
+                return base_product(base, half, self.compiled_dequantize), x.dtype
             return base(x.to(base.compute_dtype)), x.dtype
         out = base(x)
         return out, out.dtype
@@ -225,6 +232,18 @@ def fuse_lora_branches(model: nn.Module) -> int:
             module.__class__ = FusedBranchLinear4bit
             fused += 1
     return fused
+
+
+def dequantize_in_torch(model: nn.Module, compiled: bool = True) -> int:
+    """`model.dequantize=compiled`: the fused 4-bit layers' base products in training dequantize
+    their weights with `lorafit.model.dequantize`'s code where it covers them; returns how
+    many layers."""
+    layers = [
+        m for m in model.modules() if isinstance(m, FusedBranchLinear4bit) and covers(m.base_layer)
+    ]
+    for layer in layers:
+        layer.compiled_dequantize = compiled
+    return len(layers)
 
 
 def add_updates_in_fp32(model: nn.Module) -> int:

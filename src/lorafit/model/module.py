@@ -30,6 +30,7 @@ from lorafit.model.fused_loss import linear_cross_entropy_sum
 from lorafit.model.isolation import IsolationReport, check_isolation
 from lorafit.model.liger import apply_liger_kernels, check_liger
 from lorafit.model.loaded_embeddings import LoadedDtypeLinear
+from lorafit.model.lora_branch import dequantize_in_torch
 from lorafit.model.losses import token_loss_sum
 from lorafit.model.offload import HostOffload
 from lorafit.model.quantization import check_bitsandbytes, disable_cpu_weight_repacking
@@ -117,6 +118,10 @@ class CausalLMModule(pl.LightningModule):
             # Likewise; either form gives the same numbers.
             reentrant=spec.get("reentrant_checkpointing", True),
         )
+        if fitting and spec.get("dequantize", "bitsandbytes") == "compiled":
+            log.info(
+                "4-bit weights dequantized by compiled code: %d", dequantize_in_torch(self.model)
+            )
         chunk_tokens = spec.get("mlp_chunk_tokens")
         if fitting and chunk_tokens:
             log.info(
