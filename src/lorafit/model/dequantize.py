@@ -39,17 +39,25 @@ def dequantize_nf4(
     packed: torch.Tensor,
     absmax: torch.Tensor,
     code: torch.Tensor,
-    offset: torch.Tensor | None,
     blocksize: int,
     shape: tuple[int, ...],
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """A 4-bit weight as bitsandbytes' `dequantize_4bit` makes it: two values a byte of
     `packed` (uint8, high nibble first), each its table value times its block's scale in fp32,
-    rounded once to dtype. `absmax`: the blocks' scales in fp32, less `offset` for a
-    double-quantized weight."""
-    if offset is not None:
-        absmax = absmax + offset  # apart from the product below: rounded as bitsandbytes rounds
+    rounded once to dtype. `absmax`: the blocks' scales in fp32; for a double-quantized weight
+    their 8-bit codes, made scales as bitsandbytes' `dequantize_blockwise` makes them from
+    `scales`: the second-level scales, their table, the offset and their block size."""
+    if scales is not None:
+        absmax2, code2, offset, blocksize2 = scales
+        block = torch.arange(absmax.numel(), device=absmax.device) // blocksize2
+        # bitsandbytes rounds the fp32 product, then the sum. A compiler may fuse an fp32
+        # product and the add after it into one FMA, which rounds once; in fp64 the product of
+        # two fp32 values is exact (24-bit significands), so rounded to fp32 it is the fp32
+        # product's bits, and the add that follows it has no product to fuse with.
+        product = code2[absmax.long()].double() * absmax2[block].double()
+        absmax = product.float() + offset
     # Each byte against the shifts (4, 0), broadcast: the high and the low nibble side by side,
     # in one pointwise pass once compiled (a stack of the two would copy them first).
     shifts = torch.arange(4, -1, -4, dtype=torch.uint8, device=packed.device)
@@ -68,19 +76,21 @@ def _compiled() -> object:
 def dequantized(layer: nn.Module, dtype: torch.dtype, compiled: bool = True) -> torch.Tensor:
     """The 4-bit `layer`'s weight in `dtype`, bit for bit bitsandbytes' dequantization."""
     state = layer.weight.quant_state
-    absmax, offset = state.absmax, None
+    scales = None
     if state.nested:
-        # The 8-bit scales by bitsandbytes' op: a kernel the compiler keeps apart.
         inner = state.state2
-        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
-            absmax, inner.absmax, inner.code, inner.blocksize, torch.float32
-        )
-        offset = state.offset
+        scales = (inner.absmax, inner.code, state.offset, inner.blocksize)
     # Inside code being compiled (`model.compile`) the eager function is traced in its place.
     eager = not compiled or torch.compiler.is_compiling()
     expand = dequantize_nf4 if eager else _compiled()
     return expand(
-        layer.weight.data, absmax, state.code, offset, state.blocksize, tuple(state.shape), dtype
+        layer.weight.data,
+        state.absmax,
+        state.code,
+        state.blocksize,
+        tuple(state.shape),
+        scales,
+        dtype,
     )
 
 
