@@ -6,17 +6,20 @@ gradient checkpointing that is three times a step (forward, recomputation, and b
 gradient): for Mistral-7B some 7 billion values written three times. On an H200 at 2048 tokens
 a row bitsandbytes' dequantization took 12% of a step's kernel time (docs/benchmarks.md). For a
 double-quantized weight bitsandbytes makes its scales in one kernel, adds their offset in a
-second and expands the 4-bit values in a third, each into a tensor allocated for it; a fixed
-cost a step, so it weighs most in short rows. Here the offset and the expansion are one
-compiled pass that reads the packed bytes and writes the weight.
+second and expands the 4-bit values in a third, each into a tensor allocated for it and each
+launched by Python code of its own: a fixed cost a step, so it weighs most in short rows. Here
+the three are one compiled pass that reads the packed bytes and writes the weight.
 
-The numbers are bitsandbytes' bit for bit (`tests/model/test_dequantize.py`): the same table,
-an fp32 product of table value and scale rounded once to the compute dtype; the 8-bit scales
-made by bitsandbytes' own op and their offset added apart, as bitsandbytes adds it (a compiler
-fusing that product and add would round once where bitsandbytes rounds twice). The product with
-the input is `F.linear` on the dequantized weight, and the input's gradient a matmul with it,
-as bitsandbytes computes both on a CPU and, on CUDA, from 1,537 rows a product up (fewer rows
-take its fused kernel, whose sums round in another order).
+The numbers are bitsandbytes' bit for bit (`tests/model/test_dequantize.py`): the same tables,
+each fp32 product of table value and scale rounded once, the offset added to the rounded
+scales, the value rounded once to the compute dtype (`dequantize_nf4` says how no compiler's
+fused multiply-add can round otherwise). The product with the input is `F.linear` on the
+dequantized weight, and the input's gradient a matmul with it, as bitsandbytes computes both on
+a CPU and, on CUDA, from 1,537 rows a product up (fewer rows take its fused kernel, whose sums
+round in another order).
+
+On a CPU the compiled code is slower than bitsandbytes' C++ kernel (bench/dequantize.py): the
+option is for GPUs.
 
 Layers this does not cover keep bitsandbytes' path: a data type other than NF4, packed in
 another dtype than bytes, a weight whose size is not a whole number of blocks, a layer with
