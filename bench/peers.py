@@ -110,6 +110,12 @@ LEVERS = {
         "model.compile_scope=layers",
         "model.dequantize=compiled",
     ],
+    # The canonical experiment's speed settings with it
+    "compile-offload-dequant": [
+        "model.compile=true",
+        "model.offload_activations=true",
+        "model.dequantize=compiled",
+    ],
     # Each layer's MLP over 2048 tokens at a time: backward's MLP-wide gradients a chunk at a
     # time, for more host work (the MLP's operators once a chunk)
     "mlp-chunks": ["model.mlp_chunk_tokens=2048"],
