@@ -7,6 +7,7 @@
 #   scripts/gpu_suite.sh run [pytest args]  # on the GPU machine, from the repository root
 #   LORAFIT_GPU_DRY_RUN=1 scripts/gpu_suite.sh run   # the same on a CPU, shrunk: a rehearsal
 #   scripts/gpu_suite.sh bench [peers args] # bench/peers.py --device cuda: lorafit vs its peers
+#   scripts/gpu_suite.sh dequantize [args]  # bench/dequantize.py --device cuda: 4-bit weights
 #
 # The GPU machine needs Python 3.12 (PYTHON_VERSION to fetch for another) with a CUDA torch,
 # transformers>=5, peft, lightning, torchmetrics, safetensors, sentencepiece, protobuf,
@@ -106,9 +107,15 @@ bench() {
     python3 bench/peers.py --device cuda "$@"
 }
 
+dequantize() {
+    setup
+    python3 bench/dequantize.py --device cuda "$@"
+}
+
 case "${1:-}" in
     fetch) fetch ;;
     run) shift; run "$@" ;;
     bench) shift; bench "$@" ;;
+    dequantize) shift; dequantize "$@" ;;
     *) sed -n '2,10p' "$0" >&2; exit 2 ;;
 esac
