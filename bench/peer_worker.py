@@ -12,6 +12,7 @@ fed at the end of each optimizer step by a Lightning or a transformers callback.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -154,6 +155,24 @@ class StepMeter:
 # - optimizer's tail: the meter's wait for the GPU at the step's end;
 # - between steps: logging, the next batch's loading and collation, Lightning's loop.
 PHASES = ("forward", "backward", "backward's tail", "optimizer", "optimizer's tail", "between")
+
+
+class RecompileLimits(logging.Handler):
+    """The compiled functions that reached torch's recompile limit during the run, as torch's
+    warning names them. Past it a function's further variants (another shape, dtype or autograd
+    state) run eager, silently but for that warning: a compiled variant's figures are then
+    partly eager's, which the report says."""
+
+    LOGGER = "torch._dynamo.convert_frame"
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.functions: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("torch._dynamo hit config."):
+            args = record.args if isinstance(record.args, tuple) else ()
+            self.functions.append(str(args[2]) if len(args) > 2 else record.getMessage())
 
 
 def gpu_busy_share(events) -> float | None:
@@ -529,6 +548,8 @@ def main() -> None:
     meter = StepMeter(
         spec["warmup"], cuda=cuda, profile=spec.get("profile", False), trace=spec.get("trace")
     )
+    limits = RecompileLimits()
+    logging.getLogger(RecompileLimits.LOGGER).addHandler(limits)
     output_dir = spec["output_dir"]
     cfg = compose(spec["overrides"], output_dir)
     # Packed variants take one row a step; the others as many examples as a row holds.
@@ -560,6 +581,7 @@ def main() -> None:
         "profile": meter.profile_table,
         "threads": torch.get_num_threads(),
         "examples_per_step": batch_size,
+        "recompile_limit_hit": limits.functions,
     }
     if cuda:
         # Peaks of the steps after the first; the load's (and first step's) beside them.

@@ -610,6 +610,14 @@ def report(variants: list[Variant], args: argparse.Namespace, data: str) -> str:
             "",
             phases,
         ]
+    limited = [v for v in ok if v.result.get("recompile_limit_hit")]
+    if limited:
+        lines += [
+            "",
+            "compiled functions that reached torch's recompile limit (their further "
+            "variants ran eager, so these variants' figures are partly eager's):",
+        ]
+        lines += [f"- {v.label}: {'; '.join(v.result['recompile_limit_hit'])}" for v in limited]
     lines.append(f"the whole run, model loads included: {args.wall_s:.0f} s")
     if args.jobs > 1:
         lines.append(f"{args.jobs} variants ran at once: these timings do not compare.")

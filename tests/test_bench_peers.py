@@ -263,3 +263,45 @@ def test_a_profiled_variant_writes_its_trace_beside_the_results(tmp_path: Path) 
     names = {e.get("name", "") for e in trace["traceEvents"]}
     assert any("aten::" in name for name in names)
     assert "top 25 by self CPU time" in done.stdout
+
+
+def test_a_compiled_function_past_torch_s_recompile_limit_is_reported(monkeypatch) -> None:
+    """Past the limit torch runs a function's further variants eager and says so once in a
+    warning; the worker keeps what the warning names and the report lists it under the run, so
+    a compiled variant's figures are not read as wholly compiled."""
+    import logging
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("peer_worker", ROOT / "bench" / "peer_worker.py")
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    limits = worker.RecompileLimits()
+    logger = logging.getLogger(worker.RecompileLimits.LOGGER)
+    logger.addHandler(limits)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+
+    def doubled(x):
+        return x * 2
+
+    compiled = torch.compile(doubled, backend="eager")
+    try:
+        torch._dynamo.reset()
+        for dtype in (torch.float32, torch.float64):  # a second variant: past a limit of 1
+            compiled(torch.ones(2, dtype=dtype))
+    finally:
+        logger.removeHandler(limits)
+        torch._dynamo.reset()
+    assert len(limits.functions) == 1 and "'doubled'" in limits.functions[0]
+
+    peers = _harness()
+    v = peers.Variant("compiled", "lorafit-packed", "lorafit packed, compile", 512, [], False)
+    v.status = "ok"
+    v.result = {"tokens_per_s": 1.0, "mean_loss": 1.0, "steps": 2, "tokens_per_step": 512.0}
+    v.result |= {"peak_rss_kib": 1, "examples_per_step": 1}
+    v.result["recompile_limit_hit"] = limits.functions
+    args = peers.parse_args([])
+    args.revision, args.wall_s = "test", 1.0
+    report = peers.report([v], args, "data")
+    assert "reached torch's recompile limit" in report
+    assert f"- lorafit packed, compile: {limits.functions[0]}" in report
