@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+from peer_worker import RecompileLimits  # noqa: E402
 from peers import ALPACA, LEVERS, data_overrides  # noqa: E402
 
 NARROW = [
@@ -75,10 +77,13 @@ def measure(lever: str, steps: int, data: list[str], layers: int = 32) -> dict:
 
     torch.set_num_threads(1)  # one host thread dispatches, as on a GPU
     phases = Phases()
+    limits = RecompileLimits()
+    logging.getLogger(RecompileLimits.LOGGER).addHandler(limits)
     extra = [*NARROW, *LEVERS.get(lever, []), f"trainer.max_steps={WARMUP + steps}"]
     fit_preset(layers, 128, data, extra, phases, gpu_memory=False)
     timed = phases.steps[WARMUP:-1]  # the last step's rest is the run's end
-    return {key: statistics.median(s[key] for s in timed) for key in PHASES}
+    result = {key: statistics.median(s[key] for s in timed) for key in PHASES}
+    return result | {"recompile_limit_hit": limits.functions}
 
 
 def main() -> None:
@@ -101,8 +106,8 @@ def main() -> None:
         f"rows: {rows}; {args.layers} layers; {WARMUP} warm-up + {args.steps} timed steps; "
         "medians, seconds a step\n"
     )
-    print("| variant | forward | backward | rest | step | vs default |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| variant | forward | backward | rest | step | vs default | recompile limit reached |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     base = None
     for lever in levers:
         command = [sys.executable, __file__, "--worker", lever, "--steps", str(args.steps)]
@@ -111,14 +116,16 @@ def main() -> None:
             [*command, "--data", str(args.data)], capture_output=True, text=True, cwd=ROOT
         )
         if done.returncode != 0:
-            print(f"| {lever} | failed | | | | |\n{done.stderr[-2000:]}")
+            print(f"| {lever} | failed | | | | | |\n{done.stderr[-2000:]}")
             continue
         result = json.loads(done.stdout.strip().splitlines()[-1])
-        step = sum(result.values())
+        step = sum(result[k] for k in PHASES)
         base = step if lever == "default" else base
         ratio = "-" if base is None or lever == "default" else f"{base / step:.2f}x"
         cells = [f"{result[k]:.3f}" for k in PHASES]
-        print(f"| {lever} | {' | '.join(cells)} | {step:.3f} | {ratio} |", flush=True)
+        # A compiled function past torch's limit runs its further variants eager.
+        limited = "; ".join(result["recompile_limit_hit"]) or "none"
+        print(f"| {lever} | {' | '.join(cells)} | {step:.3f} | {ratio} | {limited} |", flush=True)
 
 
 if __name__ == "__main__":
