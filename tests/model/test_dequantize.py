@@ -17,6 +17,7 @@ from helpers import (
     assert_bitwise_equal,
     compose_config,
     configure_as_fit_does,
+    four_bit_linear,
 )
 from lorafit.model import dequantize as dq
 from lorafit.model.lora_branch import FusedBranchLinear4bit
@@ -74,6 +75,19 @@ def test_compiled_it_is_one_kernel_a_weight():
     metrics.reset()
     _, code = run_and_get_code(lambda: dq.dequantized(layer, torch.bfloat16))
     assert metrics.generated_kernel_count == 1, code
+
+
+def test_a_layer_with_a_bias_gives_bitsandbytes_output_and_input_gradient():
+    layer = four_bit_linear(64, 96, bias=True)
+    torch.nn.init.normal_(layer.bias)
+    layer.bias.requires_grad_(False)  # frozen, as under LoRA
+    layer.compute_dtype, layer.compute_type_is_set = torch.bfloat16, True
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+    results = []
+    for product in (layer, lambda x: dq.base_product(layer, x)):
+        out = product(x)
+        results.append([out, *torch.autograd.grad(out.float().square().sum(), [x])])
+    assert_bitwise_equal(results[1], results[0])
 
 
 def test_it_covers_nf4_layers_without_hooks_only():

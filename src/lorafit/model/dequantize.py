@@ -29,6 +29,7 @@ hooks.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -136,8 +137,6 @@ def covers(layer: nn.Module) -> bool:
     # 2.11's compiler does not lower.
     if state is None or state.quant_type != "nf4" or layer.weight.dtype != torch.uint8:
         return False
-    numel = 1
-    for size in state.shape:
-        numel *= size
+    numel = math.prod(state.shape)
     hooked = layer._forward_hooks or layer._forward_pre_hooks
     return numel % state.blocksize == 0 and not hooked
