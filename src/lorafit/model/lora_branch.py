@@ -216,10 +216,10 @@ class FusedBranchLinear4bit(Linear4bit):
         base = self.base_layer
         hooked = base._forward_hooks or base._forward_pre_hooks
         if base.compute_type_is_set and base.compute_dtype is not None and not hooked:
+            half = x.to(base.compute_dtype)
             if self.compiled_dequantize is not None:
-                half = x.to(base.compute_dtype)
                 return base_product(base, half, self.compiled_dequantize), x.dtype
-            return base(x.to(base.compute_dtype)), x.dtype
+            return base(half), x.dtype
         out = base(x)
         return out, out.dtype
 
