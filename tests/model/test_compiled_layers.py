@@ -127,20 +127,26 @@ def test_the_eval_tools_run_the_model_uncompiled():
     assert module.model.get_base_model().model.layers[0].mlp._compiled_call_impl is None
 
 
-def test_the_gpu_s_one_pass_forms_compile_without_graph_breaks(monkeypatch):
+@pytest.mark.parametrize("dequantize", ["bitsandbytes", "compiled"])
+def test_the_gpu_s_one_pass_forms_compile_without_graph_breaks(monkeypatch, dequantize):
     """On a GPU the LoRA branch takes other forms than on a CPU (`lora_dropout.one_pass`); a
     value read off a tensor (`.item()`) or a tensor made and cached while tracing would break
-    the compiled projection's graph or fail it."""
+    the compiled projection's graph or fail it. With `model.dequantize=compiled` the weight's
+    dequantization is traced into the same graph."""
     import sys
     from pathlib import Path
 
     from lorafit.model import lora_dropout
+    from lorafit.model.lora_branch import dequantize_in_torch
 
     sys.path.insert(0, str(Path(__file__).parent))
     from test_lora_branch import _model
 
     monkeypatch.setattr(lora_dropout, "CPU_FORM_DEVICES", frozenset())
-    down = _model(0.3, True).base_model.model.down
+    model = _model(0.3, True)
+    if dequantize == "compiled":
+        assert dequantize_in_torch(model) == 2
+    down = model.base_model.model.down
     x = torch.randn(2, 7, 128, requires_grad=True)
     torch._dynamo.reset()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -151,7 +157,7 @@ def test_the_gpu_s_one_pass_forms_compile_without_graph_breaks(monkeypatch):
         torch.manual_seed(1)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = layer(x).float().square().sum()
-        results.append([loss, *torch.autograd.grad(loss, [x])])
+        results.append([loss, *torch.autograd.grad(loss, [x, down.lora_A.default.weight])])
     torch._dynamo.reset()
     torch.testing.assert_close(results[1], results[0], rtol=1e-3, atol=0)
 

@@ -191,37 +191,6 @@ def test_eval_and_modules_not_fitting_keep_bitsandbytes(monkeypatch):
     assert all(m.compiled_dequantize is None for m in _fused(built))
 
 
-def test_a_compiled_projection_traces_it_in_one_graph(monkeypatch):
-    """Under `model.compile` the torch code is traced into the projection's graph (no graph
-    break, no call into a second compiled function), with the same numbers."""
-    import sys
-    from pathlib import Path
-
-    from lorafit.model import lora_dropout
-    from lorafit.model.lora_branch import dequantize_in_torch
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_lora_branch import _model
-
-    monkeypatch.setattr(lora_dropout, "CPU_FORM_DEVICES", frozenset())  # the GPU's forms
-    model = _model(0.3, True)
-    assert dequantize_in_torch(model) == 2
-    down = model.base_model.model.down
-    x = torch.randn(2, 7, 128, requires_grad=True)
-    torch._dynamo.reset()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        explained = torch._dynamo.explain(down)(x)
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
-    results = []
-    for layer in (down, torch.compile(down)):
-        torch.manual_seed(1)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = layer(x).float().square().sum()
-        results.append([loss, *torch.autograd.grad(loss, [x, down.lora_A.default.weight])])
-    torch._dynamo.reset()
-    torch.testing.assert_close(results[1], results[0], rtol=1e-3, atol=0)
-
-
 MISTRAL_WEIGHTS = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))
 
 
