@@ -100,13 +100,115 @@ def test_the_closure_runs_with_grad_and_bitsandbytes_waits_in_place(monkeypatch)
     assert waits.calls == 1
 
 
+class _Updates:
+    """Counts the calls of bitsandbytes' 32-bit update kernel, and makes them."""
+
+    def __init__(self, monkeypatch):
+        import bitsandbytes.functional as bnb_functional
+
+        self.calls, self.update = 0, bnb_functional.optimizer_update_32bit
+        monkeypatch.setattr(bnb_functional, "optimizer_update_32bit", self)
+
+    def __call__(self, *args, **kwargs) -> None:
+        self.calls += 1
+        self.update(*args, **kwargs)
+
+
+def _paged(params, flat: bool = True, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "paged optimizers are not supported on CPU"
+        if flat is None:
+            return bnb_optim.PagedAdamW32bit(params, **kwargs)
+        return optimizers.PagedAdamW32bit(params, flat=flat, **kwargs)
+
+
+def _train(optimizer, params, steps: int, seed: int = 1, skip: int | None = None) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for i, p in enumerate(params):
+            p.grad = None if i == skip else torch.randn(p.shape, generator=generator)
+        optimizer.step()
+
+
+def _state(optimizer, params) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params] + [
+        optimizer.state[p][k].clone() for p in params for k in ("state1", "state2")
+    ]
+
+
+def test_the_32_bit_step_is_one_kernel_call_a_group_with_bitsandbytes_numbers(monkeypatch):
+    """Two groups (their own learning rates and decay), three steps: one update call a group
+    a step, where bitsandbytes makes one a tensor; the same parameters, states and steps."""
+    results, calls = {}, {}
+    for flat in (None, False, True):
+        params = _parameters()
+        groups = [{"params": params[:3]}, {"params": params[3:], "lr": 3e-3, "weight_decay": 0.1}]
+        optimizer = _paged(groups, flat, lr=1e-2, weight_decay=0.01)
+        updates = _Updates(monkeypatch)
+        _train(optimizer, params, steps=3)
+        results[flat], calls[flat] = _state(optimizer, params), updates.calls
+        assert {optimizer.state[p]["step"] for p in params} == {3}
+    assert calls == {None: 3 * len(params), False: 3 * len(params), True: 3 * 2}
+    for stock, flat_off, flat_on in zip(*results.values(), strict=True):
+        assert torch.equal(flat_off, stock) and torch.equal(flat_on, stock)
+
+
+def test_a_parameter_without_gradient_takes_bitsandbytes_call_a_tensor(monkeypatch):
+    """bitsandbytes skips it, so its step count parts from the others': the group is updated a
+    tensor at a time then, and its numbers stay bitsandbytes'."""
+    results = {}
+    for flat in (None, True):
+        params = _parameters()
+        optimizer = _paged(params, flat, lr=1e-2)
+        _train(optimizer, params, steps=2)
+        updates = _Updates(monkeypatch)
+        _train(optimizer, params, steps=1, seed=2, skip=1)
+        _train(optimizer, params, steps=1, seed=3)  # steps 3 against 4: still a tensor a call
+        results[flat] = _state(optimizer, params)
+        assert updates.calls == 2 * len(params) - 1
+    for ours, stock in zip(results[True], results[None], strict=True):
+        assert torch.equal(ours, stock)
+
+
+def test_a_state_saved_and_loaded_resumes_as_the_uninterrupted_run():
+    """Saved after 2 steps with torch.save (the states are views of one buffer), loaded into a
+    new optimizer, 2 steps more: the 4 steps' numbers bit for bit, from lorafit's state as from
+    bitsandbytes' own (the same layout)."""
+    import io
+
+    uninterrupted = _parameters()
+    optimizer = _paged(uninterrupted, lr=1e-2)
+    _train(optimizer, uninterrupted, steps=2)
+    _train(optimizer, uninterrupted, steps=2, seed=2)
+    want = _state(optimizer, uninterrupted)
+    for saved_by in (True, None):
+        params = _parameters()
+        first = _paged(params, saved_by, lr=1e-2)
+        _train(first, params, steps=2)
+        buffer = io.BytesIO()
+        torch.save(first.state_dict(), buffer)
+        buffer.seek(0)
+        state = torch.load(buffer, weights_only=False)
+        layout = {k: sorted(v) for k, v in state["state"].items()}
+        stock = _paged(_parameters(), None, lr=1e-2)
+        _train(stock, list(stock.param_groups[0]["params"]), steps=1)
+        assert layout == {k: sorted(v) for k, v in stock.state_dict()["state"].items()}
+        resumed = _paged(params, lr=1e-2)
+        resumed.load_state_dict(state)
+        _train(resumed, params, steps=2, seed=2)
+        assert_equal = [
+            torch.equal(a, b) for a, b in zip(_state(resumed, params), want, strict=True)
+        ]
+        assert all(assert_equal), saved_by
+
+
 def test_a_run_with_paged_adamw_logs_bitsandbytes_losses(tmp_path):
     run = [*TINY, "optimizer=paged_adamw_32bit", "optimizer.lr=1e-3", "trainer.max_steps=4"]
     cfg = compose_config(run, tmp_path / "ours")
     assert cfg.optimizer._target_ == "lorafit.model.optimizers.PagedAdamW32bit"
     train(cfg)
-    stock = "optimizer._target_=bitsandbytes.optim.PagedAdamW32bit"
-    train(compose_config([*run, stock], tmp_path / "stock"))
+    stock = ["optimizer._target_=bitsandbytes.optim.PagedAdamW32bit", "~optimizer.flat"]
+    train(compose_config([*run, *stock], tmp_path / "stock"))
     ours, theirs = (logged(tmp_path / name, "train/loss") for name in ("ours", "stock"))
     assert len(ours) == 4 and ours[0] != ours[-1]
     assert ours == theirs
@@ -128,8 +230,10 @@ def test_on_a_gpu_paged_adamw_waits_once_a_step_with_bitsandbytes_numbers(monkey
         real(device)
 
     monkeypatch.setattr(torch.cuda, "synchronize", counted)
-    results, calls = {}, {}
+    results, calls, updates = {}, {}, {}
+    counted_updates = _Updates(monkeypatch)
     for cls in (bnb_optim.PagedAdamW32bit, optimizers.PagedAdamW32bit):
+        counted_updates.calls = 0
         generator = torch.Generator(device="cuda").manual_seed(0)
         params = [
             torch.nn.Parameter(torch.randn(s, device="cuda", generator=generator) * 0.01)
@@ -141,10 +245,12 @@ def test_on_a_gpu_paged_adamw_waits_once_a_step_with_bitsandbytes_numbers(monkey
             for p in params:
                 p.grad = torch.randn(p.shape, device="cuda", generator=generator) * 1e-3
             optimizer.step()
-        calls[cls] = waits["calls"]
+        calls[cls], updates[cls] = waits["calls"], counted_updates.calls
         results[cls] = [p.detach() for p in params[:14]] + [params[-1].detach()]
     assert len(shapes) == 448
     assert calls[bnb_optim.PagedAdamW32bit] >= 3 * 448  # bitsandbytes: one wait a tensor
     assert calls[optimizers.PagedAdamW32bit] == 3
+    # One kernel call a step for the one group, where bitsandbytes makes one a tensor.
+    assert updates == {bnb_optim.PagedAdamW32bit: 3 * 448, optimizers.PagedAdamW32bit: 3}
     for ours, stock in zip(*results.values(), strict=True):
         assert torch.equal(ours, stock)
