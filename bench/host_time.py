@@ -7,8 +7,9 @@ At 2048 tokens a GPU waits on the host for much of a QLoRA step (docs/benchmarks
 dispatches every operator and enters every compiled graph, whatever the widths. What it does
 a step depends on the model's depth and structure and on lorafit's options, so it is measured
 here on `experiment=mistral7b_random_qlora` with its 32 layers and its options (4-bit, LoRA
-r=32 on every projection, dropout, bf16 autocast, checkpointing), but hidden 64, an MLP of 128,
-2 attention heads and 128-token rows, where the CPU's kernels take little time: a step's
+r=32 on every projection, dropout, bf16 autocast, checkpointing, bitsandbytes' paged AdamW;
+figures recorded before the 32-bit step became one call a group ran torch's AdamW), but hidden
+64, an MLP of 128, 2 attention heads and 128-token rows, where the CPU's kernels take little time: a step's
 wall-clock is then mostly the host's work. A proxy, not a GPU figure: a CPU kernel on these
 widths still takes some microseconds and a CUDA launch costs the host more than a CPU call,
 and the CPU attends each packed example apart where CUDA makes one varlen call a row. Compare
@@ -42,6 +43,9 @@ NARROW = [
     "model.source.num_attention_heads=2",
     "model.source.num_key_value_heads=1",
 ]
+# The canonical job's optimizer (fit_preset's is torch's AdamW, for its state's memory): its
+# host work a step is bitsandbytes', which a CPU runs unpaged.
+OPTIMIZER = "optimizer=paged_adamw_32bit"
 WARMUP = 3
 PHASES = ("forward", "backward", "rest")
 
@@ -79,7 +83,7 @@ def measure(lever: str, steps: int, data: list[str], layers: int = 32) -> dict:
     phases = Phases()
     limits = RecompileLimits()
     logging.getLogger(RecompileLimits.LOGGER).addHandler(limits)
-    extra = [*NARROW, *LEVERS.get(lever, []), f"trainer.max_steps={WARMUP + steps}"]
+    extra = [*NARROW, OPTIMIZER, *LEVERS.get(lever, []), f"trainer.max_steps={WARMUP + steps}"]
     fit_preset(layers, 128, data, extra, phases, gpu_memory=False)
     timed = phases.steps[WARMUP:-1]  # the last step's rest is the run's end
     result = {key: statistics.median(s[key] for s in timed) for key in PHASES}
