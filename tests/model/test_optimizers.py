@@ -153,6 +153,22 @@ def test_the_32_bit_step_is_one_kernel_call_a_group_with_bitsandbytes_numbers(mo
         assert torch.equal(flat_off, stock) and torch.equal(flat_on, stock)
 
 
+def test_a_group_larger_than_a_run_is_updated_a_run_a_call(monkeypatch):
+    """Runs of at most `RUN_VALUES` values, a parameter larger than that alone: with 1,100,
+    the five parameters (512, 512, 5,120, 5,120 and 3 values) make four calls a step."""
+    monkeypatch.setattr(optimizers, "RUN_VALUES", 1100)
+    results = {}
+    for flat in (None, True):
+        params = _parameters()
+        optimizer = _paged(params, flat, lr=1e-2, weight_decay=0.01)
+        updates = _Updates(monkeypatch)
+        _train(optimizer, params, steps=3)
+        results[flat] = _state(optimizer, params)
+    assert updates.calls == 3 * 4
+    for ours, stock in zip(results[True], results[None], strict=True):
+        assert torch.equal(ours, stock)
+
+
 def test_a_parameter_without_gradient_takes_bitsandbytes_call_a_tensor(monkeypatch):
     """bitsandbytes skips it, so its step count parts from the others': the group is updated a
     tensor at a time then, and its numbers stay bitsandbytes'."""

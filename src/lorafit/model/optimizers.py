@@ -14,14 +14,15 @@ step waits once at its end where bitsandbytes waits after paged updates.
 Parameters spread over several devices (a model split by `device_map`) keep bitsandbytes'
 waits: there a tensor's kernel runs on its own device's stream, which nothing else orders.
 
-The 32-bit one (`paged_adamw_32bit`) also updates each parameter group in one call of
-bitsandbytes' kernel over the group laid end to end (`FlatUpdates`), where bitsandbytes makes,
+The 32-bit one (`paged_adamw_32bit`) also updates each parameter group in few calls of
+bitsandbytes' kernel, each over up to 16M values laid end to end (`FlatUpdates`; five calls a
+step for the canonical job), where bitsandbytes makes,
 for each of the 448 tensors, Python calls, two prefetches of paged states and a kernel launch:
 on a GPU at 2048 tokens, host time the GPU waits on. AdamW in 32 bits updates each value from
-its own gradient and states alone, so one call over the concatenation gives each value the bits
+its own gradient and states alone, so one call over a concatenation gives each value the bits
 a call per tensor gives it. The parameters stay tensors of their own (a checkpoint or an
-adapter file saves them apart): they are copied into the group's run and back, which the GPU
-does in a few passes. The states live in one buffer a group, each parameter's state a view of
+adapter file saves them apart): they are copied into a run and back, which the GPU does in a
+few passes. The states live in one buffer a group, each parameter's state a view of
 its part, so state dicts have bitsandbytes' layout, and a state loaded from one is copied into
 the buffers at the next step. The 8-bit states are quantized in blocks within each tensor, so
 those optimizers keep a call per tensor.
@@ -69,11 +70,30 @@ class OneWaitPerStep:
         return loss
 
 
+# The values one update call takes at most (a parameter larger goes alone): the two temporaries
+# of a call hold 2 x 64 MiB, where a whole group's would hold twice its trained weights (0.58 GiB
+# for the canonical job's LoRA); five calls a step for it.
+RUN_VALUES = 2**24
+
+
+def _runs(params: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    """`params` in order, cut into runs of at most `limit` values (or one parameter)."""
+    runs: list[list[torch.Tensor]] = [[]]
+    total = 0
+    for p in params:
+        if runs[-1] and total + p.numel() > limit:
+            runs.append([])
+            total = 0
+        runs[-1].append(p)
+        total += p.numel()
+    return runs
+
+
 class FlatUpdates(OneWaitPerStep):
-    """A 32-bit bitsandbytes optimizer's step as one kernel call a parameter group (module
-    docstring); where that does not give bitsandbytes' numbers (per-parameter settings, update
-    norms, a parameter without gradient, states of unequal step counts) it takes
-    `OneWaitPerStep`'s, a call a tensor. `flat=False` for that always (the bench's baseline)."""
+    """A 32-bit bitsandbytes optimizer's step as a kernel call a run of up to `RUN_VALUES`
+    values (module docstring). Where that would not give bitsandbytes' numbers (per-parameter
+    settings, update norms, a parameter without gradient, states of unequal step counts) it
+    takes `OneWaitPerStep`'s, a call a tensor; `flat=False` always does (the bench's baseline)."""
 
     state: dict
     args: object
@@ -124,14 +144,32 @@ class FlatUpdates(OneWaitPerStep):
         return len({self.state[p].get("step") for p in params}) == 1
 
     def _update_group(self, index: int, params: list[torch.Tensor]) -> None:
-        group = self.param_groups[index]
         first, second = self._linked(index, params)
-        step = self.state[params[0]]["step"] + 1
-        grads = torch.cat([p.grad.reshape(-1) for p in params])
-        values = torch.cat([p.reshape(-1) for p in params])
         if getattr(first, "is_paged", False):
             bnb_functional.prefetch_tensor(first)
             bnb_functional.prefetch_tensor(second)
+        step = self.state[params[0]]["step"] + 1
+        start = 0
+        for run in _runs(params, RUN_VALUES):
+            end = start + sum(p.numel() for p in run)
+            states = first[start:end], second[start:end]
+            self._update_run(self.param_groups[index], run, *states, step)
+            start = end
+        for p in params:
+            self.state[p]["step"] = step
+
+    def _update_run(
+        self,
+        group: dict,
+        params: list[torch.Tensor],
+        first: torch.Tensor,
+        second: torch.Tensor,
+        step: int,
+    ) -> None:
+        """Consecutive parameters updated by one kernel call, laid end to end in two
+        temporaries (their gradients, their values) and the values copied back."""
+        grads = torch.cat([p.grad.reshape(-1) for p in params])
+        values = torch.cat([p.reshape(-1) for p in params])
         betas = group["betas"]
         bnb_functional.optimizer_update_32bit(
             self.optimizer_name,
@@ -155,8 +193,6 @@ class FlatUpdates(OneWaitPerStep):
         parts = values.split([p.numel() for p in params])
         parts = [part.view_as(p) for part, p in zip(parts, params, strict=True)]
         torch._foreach_copy_(params, parts)
-        for p in params:
-            self.state[p]["step"] = step
 
     def _linked(self, index: int, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The group's state buffers, with each parameter's states views of its part: made at
@@ -196,8 +232,8 @@ class FlatUpdates(OneWaitPerStep):
 
 
 class PagedAdamW32bit(FlatUpdates, bnb_optim.PagedAdamW32bit):
-    """bitsandbytes' PagedAdamW32bit, one call and one wait a step (`optimizer=
-    paged_adamw_32bit`)."""
+    """bitsandbytes' PagedAdamW32bit, a call a run of parameters and one wait a step
+    (`optimizer=paged_adamw_32bit`)."""
 
 
 class PagedAdamW8bit(OneWaitPerStep, bnb_optim.PagedAdamW8bit):
