@@ -266,7 +266,9 @@ def test_on_a_gpu_paged_adamw_waits_once_a_step_with_bitsandbytes_numbers(monkey
     assert len(shapes) == 448
     assert calls[bnb_optim.PagedAdamW32bit] >= 3 * 448  # bitsandbytes: one wait a tensor
     assert calls[optimizers.PagedAdamW32bit] == 3
-    # One kernel call a step for the one group, where bitsandbytes makes one a tensor.
-    assert updates == {bnb_optim.PagedAdamW32bit: 3 * 448, optimizers.PagedAdamW32bit: 3}
+    # A kernel call a run of up to 2**24 values (6 for these 448 tensors) a step, where
+    # bitsandbytes makes one a tensor.
+    assert len(optimizers._runs(params, optimizers.RUN_VALUES)) == 6
+    assert updates == {bnb_optim.PagedAdamW32bit: 3 * 448, optimizers.PagedAdamW32bit: 3 * 6}
     for ours, stock in zip(*results.values(), strict=True):
         assert torch.equal(ours, stock)

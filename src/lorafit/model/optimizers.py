@@ -15,7 +15,7 @@ Parameters spread over several devices (a model split by `device_map`) keep bits
 waits: there a tensor's kernel runs on its own device's stream, which nothing else orders.
 
 The 32-bit one (`paged_adamw_32bit`) also updates each parameter group in few calls of
-bitsandbytes' kernel, each over up to 16M values laid end to end (`FlatUpdates`; five calls a
+bitsandbytes' kernel, each over up to 16M values laid end to end (`FlatUpdates`; six calls a
 step for the canonical job), where bitsandbytes makes,
 for each of the 448 tensors, Python calls, two prefetches of paged states and a kernel launch:
 on a GPU at 2048 tokens, host time the GPU waits on. AdamW in 32 bits updates each value from
@@ -71,8 +71,8 @@ class OneWaitPerStep:
 
 
 # The values one update call takes at most (a parameter larger goes alone): the two temporaries
-# of a call hold 2 x 64 MiB, where a whole group's would hold twice its trained weights (0.58 GiB
-# for the canonical job's LoRA); five calls a step for it.
+# of a call hold 2 x 64 MiB, where a whole group's would hold twice its trained weights (0.62 GiB
+# for the canonical job's LoRA); six calls a step for it.
 RUN_VALUES = 2**24
 
 
