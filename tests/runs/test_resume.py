@@ -117,9 +117,12 @@ def test_a_resumed_run_keeps_the_best_validation_loss_of_the_run_it_resumed(tmp_
 @pytest.mark.slow
 def test_a_compiled_offloaded_qlora_run_resumes_exactly(tmp_path):
     # The canonical experiment's speed settings (model.compile, model.offload_activations): the
-    # compiled modules keep their parameters' names, so a checkpoint loads back into them.
+    # compiled modules keep their parameters' names, so a checkpoint loads back into them. Its
+    # optimizer too: paged AdamW's states, views of one buffer, saved and copied back in.
     run = [
         *TINY,
+        "optimizer=paged_adamw_32bit",
+        "optimizer.lr=1e-3",
         "adapter=qlora",
         "adapter.dropout=0.1",
         "trainer=cpu_bf16",
