@@ -132,6 +132,8 @@ class FlatUpdates(OneWaitPerStep):
         group = self.param_groups[index]
         if len(params) != len(group["params"]):
             return False  # bitsandbytes skips those without gradient: their steps would part
+        if not params:
+            return True
         if self.args.optim_bits != 32 or self.args.max_unorm > 0:
             return False
         overrides = self.mng.index2config, self.mng.pid2config
