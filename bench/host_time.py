@@ -9,11 +9,11 @@ a step depends on the model's depth and structure and on lorafit's options, so i
 here on `experiment=mistral7b_random_qlora` with its 32 layers and its options (4-bit, LoRA
 r=32 on every projection, dropout, bf16 autocast, checkpointing, bitsandbytes' paged AdamW;
 figures recorded before the 32-bit step became one call a group ran torch's AdamW), but hidden
-64, an MLP of 128, 2 attention heads and 128-token rows, where the CPU's kernels take little time: a step's
-wall-clock is then mostly the host's work. A proxy, not a GPU figure: a CPU kernel on these
-widths still takes some microseconds and a CUDA launch costs the host more than a CPU call,
-and the CPU attends each packed example apart where CUDA makes one varlen call a row. Compare
-the variants with each other, on one machine.
+64, an MLP of 128, 2 attention heads and 128-token rows, where the CPU's kernels take little
+time: a step's wall-clock is then mostly the host's work. A proxy, not a GPU figure: a CPU
+kernel on these widths still takes some microseconds and a CUDA launch costs the host more
+than a CPU call, and the CPU attends each packed example apart where CUDA makes one varlen call
+a row. Compare the variants with each other, on one machine.
 
 Each variant (`--levers`: bench/peers.py's LEVERS, `default` for none) runs in a process of its
 own, one thread, 3 warm-up steps (which compile) and the timed ones after; each step's time is

@@ -75,10 +75,14 @@ LEVERS = {
     "adamw": ["optimizer=adamw"],  # torch's AdamW instead of the config's (paged on GPU)
     # bitsandbytes' own paged AdamW class, which waits for the GPU after each tensor's update
     # (lorafit's waits once a step: src/lorafit/model/optimizers.py)
-    "bnb-waits": ["optimizer._target_=bitsandbytes.optim.PagedAdamW32bit", "~optimizer.flat"],
+    "bnb-waits": [
+        "optimizer=paged_adamw_32bit",
+        "optimizer._target_=bitsandbytes.optim.PagedAdamW32bit",
+        "~optimizer.flat",
+    ],
     # lorafit's paged AdamW with a kernel call a tensor, as bitsandbytes makes them (its default
-    # makes one a parameter group)
-    "per-tensor-updates": ["optimizer.flat=false"],
+    # makes one a run of parameters)
+    "per-tensor-updates": ["optimizer=paged_adamw_32bit", "optimizer.flat=false"],
     "plain-loss": ["model.loss_chunk_size=null"],  # the output layer's logits in full
     "no-dropout": ["adapter.dropout=0"],
     # Gradient checkpointing's granularity (with it on, as on GPU): memory for speed.
