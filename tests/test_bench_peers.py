@@ -265,7 +265,7 @@ def test_a_profiled_variant_writes_its_trace_beside_the_results(tmp_path: Path) 
     assert "top 25 by self CPU time" in done.stdout
 
 
-def test_a_compiled_function_past_torch_s_recompile_limit_is_reported(monkeypatch) -> None:
+def test_a_compiled_function_past_torch_s_recompile_limit_is_reported() -> None:
     """Past the limit torch runs a function's further variants eager and says so once in a
     warning; the worker keeps what the warning names and the report lists it under the run, so
     a compiled variant's figures are not read as wholly compiled."""
@@ -279,19 +279,22 @@ def test_a_compiled_function_past_torch_s_recompile_limit_is_reported(monkeypatc
     limits = worker.RecompileLimits()
     logger = logging.getLogger(worker.RecompileLimits.LOGGER)
     logger.addHandler(limits)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
 
     def doubled(x):
         return x * 2
 
     compiled = torch.compile(doubled, backend="eager")
+    # torch's own patch: pytest's monkeypatch, undone, deletes the setting from torch's config.
+    before = torch._dynamo.config.recompile_limit
     try:
         torch._dynamo.reset()
-        for dtype in (torch.float32, torch.float64):  # a second variant: past a limit of 1
-            compiled(torch.ones(2, dtype=dtype))
+        with torch._dynamo.config.patch(recompile_limit=1):
+            for dtype in (torch.float32, torch.float64):  # a second variant: past a limit of 1
+                compiled(torch.ones(2, dtype=dtype))
     finally:
         logger.removeHandler(limits)
         torch._dynamo.reset()
+    assert torch._dynamo.config.recompile_limit == before
     assert len(limits.functions) == 1 and "'doubled'" in limits.functions[0]
 
     peers = _harness()
