@@ -73,8 +73,8 @@ LEVERS = {
     "sdpa": ["model.attn_implementation=sdpa"],  # transformers' block mask, the peers' path
     "sdpa_packed": ["model.attn_implementation=sdpa_packed"],  # the default; varlen on CUDA
     "adamw": ["optimizer=adamw"],  # torch's AdamW instead of the config's (paged on GPU)
-    # bitsandbytes' own paged AdamW class, which waits for the GPU after each tensor's update
-    # (lorafit's waits once a step: src/lorafit/model/optimizers.py)
+    # bitsandbytes' own paged AdamW class, which updates a tensor a call and waits for the GPU
+    # after each (lorafit's: a call a run of tensors, one wait a step; model/optimizers.py)
     "bnb-waits": [
         "optimizer=paged_adamw_32bit",
         "optimizer._target_=bitsandbytes.optim.PagedAdamW32bit",

@@ -42,6 +42,14 @@ def _no_wait(tensor: torch.Tensor) -> None:
     """In place of bitsandbytes' per-tensor `sync_gpu` during a step on one device."""
 
 
+def _closure_loss(closure: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
+    """The closure's loss, run with grad as bitsandbytes runs it before its updates."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class OneWaitPerStep:
     """A bitsandbytes optimizer's step without its wait after each tensor (module docstring)."""
 
@@ -51,10 +59,7 @@ class OneWaitPerStep:
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         # The closure (forward and backward under Lightning) runs before the waits are
         # switched off, as bitsandbytes runs it before its updates.
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         updated = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         if len({p.device for p in updated}) != 1:
             super().step()  # type: ignore[misc]
@@ -109,10 +114,7 @@ class FlatUpdates(OneWaitPerStep):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         groups = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
         if not self.flat or not all(self._flat_fits(g, i) for i, g in enumerate(groups)):
             super().step()
