@@ -4,6 +4,11 @@ and the packing preflight run eager; the eval tools run the model uncompiled."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -44,7 +49,13 @@ def test_compiled_layers_train_what_eager_layers_train(tmp_path):
     eager_rotary = modeling_mistral.apply_rotary_pos_emb
     eager = _fit(common, tmp_path / "eager")
     rotary = _SeesRotary()
-    compiled = _fit([*common, "model.compile=true"], tmp_path / "compiled", rotary)
+    limit = torch._dynamo.config.recompile_limit
+    with _recompile_limit_hits() as hits:
+        compiled = _fit([*common, "model.compile=true"], tmp_path / "compiled", rotary)
+    # Rows of varying length: past torch's 8 graphs a function the projections' further
+    # variants ran eager (`allow_recompiles`), and the limit is torch's again after the run.
+    assert hits == []
+    assert torch._dynamo.config.recompile_limit == limit
     # The attention's rotary embedding ran compiled, and the eager one is back after the run.
     (trained_with,) = rotary.seen
     assert trained_with is not eager_rotary
@@ -69,6 +80,21 @@ def test_compiled_layers_train_what_eager_layers_train(tmp_path):
     compiled.on_validation_end()
     assert torch._dynamo.utils.counters["stats"]["calls_captured"] == captured
     _assert_same_losses(tmp_path)
+
+
+@contextlib.contextmanager
+def _recompile_limit_hits():
+    """The compiled functions torch warns have reached its recompile limit meanwhile."""
+    sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))
+    from peer_worker import RecompileLimits
+
+    limits = RecompileLimits()
+    logger = logging.getLogger(RecompileLimits.LOGGER)
+    logger.addHandler(limits)
+    try:
+        yield limits.functions
+    finally:
+        logger.removeHandler(limits)
 
 
 def _assert_same_losses(out) -> None:

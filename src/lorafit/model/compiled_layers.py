@@ -60,6 +60,28 @@ CHECKPOINTS_IN_CALL = "__call__" in vars(GradientCheckpointingLayer)
 ROTARY = "apply_rotary_pos_emb"
 
 
+# Graphs torch keeps for one compiled function (its default: 8) while lorafit's compiled layers
+# train. In the modules scope a projection's forward is one function for all of a model's
+# adapted layers, with a graph per weight shape (q and o, k and v, gate and up, down), input dtype
+# (o_proj's) and autograd state (without autograd, recomputed, the first layer's): 8 for the
+# canonical job, whose rows are all one length. Rows of varying length add a graph of dynamic
+# shape to each (CPU suite's tiny model: over the limit). Past it a variant runs eager, silently.
+RECOMPILE_LIMIT = 32
+
+
+def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> Callable[[], None]:
+    """Raise torch's recompile limit to `limit` for the process; returns what puts it back."""
+    import torch._dynamo.config as dynamo
+
+    before = dynamo.recompile_limit
+    dynamo.recompile_limit = max(before, limit)
+
+    def undo() -> None:
+        dynamo.recompile_limit = before
+
+    return undo
+
+
 def _is_attention(name: str) -> bool:
     # Not the norms named after it (Mistral's and Llama's post_attention_layernorm).
     return ("attn" in name or "attention" in name) and "norm" not in name

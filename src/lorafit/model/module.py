@@ -22,6 +22,7 @@ from lorafit.model import packed_attention
 from lorafit.model.adapters import trainable_parameters
 from lorafit.model.chunked_mlp import chunk_mlps
 from lorafit.model.compiled_layers import (
+    allow_recompiles,
     compile_decoder_layers,
     compile_rotary,
     compile_whole_layers,
@@ -130,11 +131,18 @@ class CausalLMModule(pl.LightningModule):
         if fitting and spec.get("compile", False):
             mode = spec.get("compile_mode")
             if spec.get("compile_scope", "modules") == "layers":
-                self._undo_compile = compile_whole_layers(self.model, mode)
+                undo_scope = compile_whole_layers(self.model, mode)
                 log.info("compiled decoder layers: whole")
             else:
                 log.info("compiled decoder layers: %d", compile_decoder_layers(self.model, mode))
-                self._undo_compile = compile_rotary(self.model, mode)
+                undo_scope = compile_rotary(self.model, mode)
+            undo_limit = allow_recompiles()
+
+            def undo() -> None:
+                undo_scope()
+                undo_limit()
+
+            self._undo_compile = undo
             self._compiled = True
         # from_pretrained returns eval mode, and Lightning keeps the modes it finds: without
         # this, dropout (lora_dropout included) would silently never apply.
@@ -272,8 +280,9 @@ class CausalLMModule(pl.LightningModule):
 
     def teardown(self, stage: str) -> None:
         # The compiled rotary function (or, compiling whole layers, the attention registered
-        # for the compiler to skip) replaced transformers' own for the process: later models in
-        # it (an eval after training, the next test) get the eager one back.
+        # for the compiler to skip) replaced transformers' own for the process, and torch's
+        # recompile limit was raised: later models in it (an eval after training, the next
+        # test) get the eager function and torch's limit back.
         if self._undo_compile is not None:
             self._undo_compile()
             self._undo_compile = None
@@ -283,7 +292,8 @@ class CausalLMModule(pl.LightningModule):
 
     # With model.compile, validation and the packing preflight run eager: their rows vary in
     # length and run in eval mode, and each variant compiled would spend the recompile limit
-    # (8 graphs a function) that the training graphs need, leaving training to run eager.
+    # (graphs a function, `allow_recompiles`) that the training graphs need, leaving training
+    # to run eager.
     def on_validation_start(self) -> None:
         if self._compiled:
             torch.compiler.set_stance("force_eager")
