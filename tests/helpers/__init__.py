@@ -149,13 +149,24 @@ class MovedBytes(TorchDispatchMode):
         return out
 
 
-def four_bit_linear(n_in: int, n_out: int, device: str = "cpu", bias: bool = False):
-    """A bitsandbytes NF4 layer with random weights, quantized on `device` (bf16 compute)."""
+def four_bit_linear(
+    n_in: int,
+    n_out: int,
+    device: str = "cpu",
+    bias: bool = False,
+    dtype: torch.dtype = torch.float32,
+    nested: bool = True,
+    quant_type: str = "nf4",
+):
+    """A bitsandbytes 4-bit layer (bf16 compute) with random weights in `dtype`, quantized on
+    `device`, its scales quantized too where `nested` (bitsandbytes' default)."""
     import bitsandbytes as bnb
 
     layer = bnb.nn.Linear4bit(n_in, n_out, bias=bias, compute_dtype=torch.bfloat16)
-    weight = torch.randn(n_out, n_in) / n_in**0.5
-    params = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+    weight = (torch.randn(n_out, n_in) / n_in**0.5).to(dtype)
+    params = bnb.nn.Params4bit(
+        weight, requires_grad=False, quant_type=quant_type, compress_statistics=nested
+    )
     layer.weight = params._quantize(device)
     return layer
 

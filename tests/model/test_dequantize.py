@@ -5,7 +5,6 @@ bitsandbytes' path; eval never takes it."""
 
 from __future__ import annotations
 
-import bitsandbytes as bnb
 import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
@@ -26,19 +25,6 @@ from lorafit.model.module import CausalLMModule
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _quantized(n_in: int, n_out: int, dtype: torch.dtype, nested: bool, quant_type="nf4"):
-    """A 4-bit layer quantized from `dtype` weights (its compute dtype's state), with its scales
-    themselves quantized or not."""
-    torch.manual_seed(n_in + n_out)
-    layer = bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.bfloat16)
-    weight = (torch.randn(n_out, n_in) * 0.02).to(dtype)
-    params = bnb.nn.Params4bit(
-        weight, requires_grad=False, quant_type=quant_type, compress_statistics=nested
-    )
-    layer.weight = params._quantize("cpu")
-    return layer
-
-
 def _bitsandbytes(layer, dtype: torch.dtype) -> torch.Tensor:
     """bitsandbytes' dequantization of the layer's weight straight into `dtype`, as its
     fallback product makes it (functional.dequantize_4bit gives the state's dtype only)."""
@@ -57,7 +43,8 @@ def test_the_weight_is_bitsandbytes_dequantization_bit_for_bit(compiled, nested)
     torch._dynamo.reset()  # more shapes and dtypes than torch compiles for one function
     for shape in ((64, 128), (256, 96)):  # one a square of blocks, one not
         for source in (torch.bfloat16, torch.float32):
-            layer = _quantized(*shape, source, nested)
+            torch.manual_seed(sum(shape))
+            layer = four_bit_linear(*shape, dtype=source, nested=nested)
             state = layer.weight.quant_state
             assert state.nested is nested
             want = bnb_functional.dequantize_4bit(layer.weight.data, state)
@@ -70,7 +57,7 @@ def test_the_weight_is_bitsandbytes_dequantization_bit_for_bit(compiled, nested)
 def test_compiled_it_is_one_kernel_a_weight():
     """The scales' offset, both nibbles of each byte, the table and the cast in one pass (the
     first form stacked the nibbles: a copy and three kernels)."""
-    layer = _quantized(256, 96, torch.bfloat16, nested=True)
+    layer = four_bit_linear(256, 96, dtype=torch.bfloat16)
     torch._dynamo.reset()
     metrics.reset()
     _, code = run_and_get_code(lambda: dq.dequantized(layer, torch.bfloat16))
@@ -91,9 +78,9 @@ def test_a_layer_with_a_bias_gives_bitsandbytes_output_and_input_gradient():
 
 
 def test_it_covers_nf4_layers_without_hooks_only():
-    assert dq.covers(_quantized(64, 64, torch.float32, nested=True))
-    assert not dq.covers(_quantized(64, 64, torch.float32, nested=True, quant_type="fp4"))
-    hooked = _quantized(64, 64, torch.float32, nested=True)
+    assert dq.covers(four_bit_linear(64, 64))
+    assert not dq.covers(four_bit_linear(64, 64, quant_type="fp4"))
+    hooked = four_bit_linear(64, 64)
     hooked.register_forward_hook(lambda module, args, out: out)
     assert not dq.covers(hooked)
     assert not dq.covers(torch.nn.Linear(4, 4))
@@ -202,10 +189,7 @@ def test_on_a_gpu_the_compiled_weights_are_bitsandbytes_bit_for_bit_one_kernel_e
     metrics.reset()
     for out_features, in_features in MISTRAL_WEIGHTS:
         torch.manual_seed(out_features + in_features)
-        layer = bnb.nn.Linear4bit(in_features, out_features, bias=False)
-        weight = (torch.randn(out_features, in_features) * 0.02).to(torch.bfloat16)
-        params = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
-        layer.weight = params._quantize("cuda")
+        layer = four_bit_linear(in_features, out_features, "cuda", dtype=torch.bfloat16)
         state = layer.weight.quant_state
         assert state.nested
         want = bnb_functional.dequantize_4bit(layer.weight.data, state)

@@ -23,7 +23,7 @@ option is for GPUs.
 
 Layers this does not cover keep bitsandbytes' path: a data type other than NF4, packed in
 another dtype than bytes, a weight whose size is not a whole number of blocks, a layer with
-hooks.
+hooks or a trained bias.
 """
 
 from __future__ import annotations
@@ -107,19 +107,16 @@ class _Matmul4bit(torch.autograd.Function):
         # The layer on ctx, not saved: bitsandbytes' weights are kept by the model anyway, and
         # saved tensors would pass through checkpointing's and offloading's hooks.
         ctx.layer, ctx.compiled = layer, compiled
-        ctx.bias_dtype = None if bias is None else bias.dtype
         return F.linear(x, dequantized(layer, x.dtype, compiled), bias)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[1]:
-            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0, dtype=ctx.bias_dtype)
+        grad_x = None
         if ctx.needs_input_grad[0]:
             # bitsandbytes' order: dequantized in the weight's compute dtype, then cast.
             weight = dequantized(ctx.layer, ctx.layer.weight.quant_state.dtype, ctx.compiled)
             grad_x = torch.matmul(grad, weight.to(grad.dtype))
-        return grad_x, grad_bias, None, None
+        return grad_x, None, None, None  # the bias is frozen (`covers`)
 
 
 def base_product(layer: nn.Module, x: torch.Tensor, compiled: bool = True) -> torch.Tensor:
@@ -139,4 +136,6 @@ def covers(layer: nn.Module) -> bool:
         return False
     numel = math.prod(state.shape)
     hooked = layer._forward_hooks or layer._forward_pre_hooks
-    return numel % state.blocksize == 0 and not hooked
+    # A trained bias (lorafit's LoRA trains none) keeps bitsandbytes' product and its gradient.
+    trained_bias = layer.bias is not None and layer.bias.requires_grad
+    return numel % state.blocksize == 0 and not hooked and not trained_bias
