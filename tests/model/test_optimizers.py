@@ -218,6 +218,49 @@ def test_a_state_saved_and_loaded_resumes_as_the_uninterrupted_run():
         assert all(assert_equal), saved_by
 
 
+def test_a_state_loaded_after_steps_leaves_no_buffer_in_the_page_manager(monkeypatch):
+    """Loading a state dict after flat steps links the states to new buffers: the replaced
+    paged buffers leave bitsandbytes' page manager, which would keep their memory to the end.
+    The CPU stands in for paged memory with plain tensors."""
+    import bitsandbytes.functional as bnb_functional
+
+    monkeypatch.setattr(optimizers.PagedAdamW32bit, "_pages", lambda self, numel, like: True)
+    monkeypatch.setattr(
+        bnb_functional, "get_paged", lambda n, dtype, device: torch.zeros(n, dtype=dtype)
+    )
+    monkeypatch.setattr(bnb_functional, "fill", lambda tensor, value: tensor.fill_(value))
+    params = _parameters()
+    optimizer = _paged(params, lr=1e-2)
+    managed = optimizer.page_mng.paged_tensors
+    monkeypatch.setattr(optimizer.page_mng, "paged_tensors", list(managed))  # left as found
+    before = list(optimizer.page_mng.paged_tensors)
+    _train(optimizer, params, steps=2)
+    first = optimizer._buffers[0]
+    optimizer.load_state_dict(optimizer.state_dict())
+    _train(optimizer, params, steps=1, seed=2)
+    second = optimizer._buffers[0]
+    assert all(a is not b for a, b in zip(first, second, strict=True))
+    added = [t for t in optimizer.page_mng.paged_tensors if not any(t is b for b in before)]
+    assert len(added) == 2 and all(any(t is b for b in second) for t in added)
+
+
+def test_the_canonical_job_s_lora_weights_make_six_update_calls_a_step():
+    """448 tensors of 84M values in runs of at most `RUN_VALUES`: the count docs/benchmarks.md
+    and the README give (the GPU test counts the calls themselves)."""
+    params = [torch.empty(shape, device="meta") for shape in _canonical_lora_shapes()]
+    runs = optimizers._runs(params, optimizers.RUN_VALUES)
+    assert len(params) == 448 and sum(p.numel() for p in params) == 83_886_080
+    assert len(runs) == 6 and [p for run in runs for p in run] == params
+
+
+def _canonical_lora_shapes() -> list[tuple[int, int]]:
+    """The canonical job's trained tensors in the model's order: LoRA r=32 A and B of the 7
+    projections of Mistral-7B's 32 layers."""
+    sizes = [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096)]
+    sizes += [(4096, 14336), (4096, 14336), (14336, 4096)]
+    return [s for n_in, n_out in sizes for s in ((32, n_in), (n_out, 32))] * 32
+
+
 def test_a_run_with_paged_adamw_logs_bitsandbytes_losses(tmp_path):
     run = [*TINY, "optimizer=paged_adamw_32bit", "optimizer.lr=1e-3", "trainer.max_steps=4"]
     cfg = compose_config(run, tmp_path / "ours")
@@ -233,11 +276,8 @@ def test_a_run_with_paged_adamw_logs_bitsandbytes_losses(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_a_gpu_paged_adamw_waits_once_a_step_with_bitsandbytes_numbers(monkeypatch):
-    # The canonical job's trained tensors: LoRA r=32 A and B of the 7 projections of
-    # Mistral-7B's 32 layers (448 tensors, 84M fp32 values), paged 32-bit AdamW states.
-    sizes = [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096)]
-    sizes += [(4096, 14336), (4096, 14336), (14336, 4096)]
-    shapes = [s for n_in, n_out in sizes for s in ((32, n_in), (n_out, 32))] * 32
+    # The canonical job's trained tensors (448, 84M fp32 values), paged 32-bit AdamW states.
+    shapes = _canonical_lora_shapes()
     real = torch.cuda.synchronize
     waits = {"calls": 0}
 

@@ -213,6 +213,8 @@ class FlatUpdates(OneWaitPerStep):
             for p, start in zip(params, offsets[:-1], strict=True)
         ):
             return buffers
+        if buffers is not None:
+            self._release(buffers)
         buffers = (self._buffer(offsets[-1], params[0]), self._buffer(offsets[-1], params[0]))
         for p, start, end in zip(params, offsets[:-1], offsets[1:], strict=True):
             state = self.state[p]
@@ -227,12 +229,24 @@ class FlatUpdates(OneWaitPerStep):
 
     def _buffer(self, numel: int, like: torch.Tensor) -> torch.Tensor:
         """A zeroed fp32 state buffer, paged as bitsandbytes pages a state of that size."""
-        if not self.is_paged or like.device.type == "cpu" or numel < 1e5:
+        if not self._pages(numel, like):
             return torch.zeros(numel, dtype=torch.float32, device=like.device)
         buffer = bnb_functional.get_paged(numel, dtype=torch.float32, device=like.device)
         bnb_functional.fill(buffer, 0)
         self.page_mng.paged_tensors.append(buffer)
         return buffer
+
+    def _pages(self, numel: int, like: torch.Tensor) -> bool:
+        """Whether a state buffer of `numel` values goes to paged memory, as bitsandbytes
+        decides for a state of that size."""
+        return self.is_paged and like.device.type != "cpu" and numel >= 1e5
+
+    def _release(self, buffers: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Buffers replaced (a state dict was loaded after steps) leave the page manager's list,
+        which would otherwise keep their paged memory for the rest of the run."""
+        self.page_mng.paged_tensors[:] = [
+            t for t in self.page_mng.paged_tensors if not any(t is b for b in buffers)
+        ]
 
 
 class PagedAdamW32bit(FlatUpdates, bnb_optim.PagedAdamW32bit):
