@@ -21,11 +21,14 @@ Each part grows linearly with the number of layers (one layer's weights, state a
 checkpoint input; the transient of one layer's recomputation does not grow), so the two runs
 give the 32-layer figure. Not from 1 layer: at 8192 tokens its step peaks elsewhere than deeper
 models' (1 and 2 layers projected 13.52 GiB, 2 and 3 layers 11.39, the H200 measured 11.35).
-What differs on a GPU, and is not modelled: the caching allocator's rounding and fragmentation
-(reserved memory), CUDA kernels' workspaces, and paged optimizers: bitsandbytes' paged state
-lives in CUDA managed memory that `torch.cuda.max_memory_allocated` does not count
-(`optimizer=paged_adamw_32bit` is the canonical job's; here torch's AdamW holds the same two
-fp32 tensors per LoRA weight, reported apart).
+With `model.offload_activations` the tensors it sends to host memory leave the count until
+backward brings them back, as on a GPU (`HostMemoryOffload`). What differs on a GPU, and is
+not modelled: the caching allocator's rounding and fragmentation (reserved memory), CUDA
+kernels' workspaces, offloading's copies in flight (up to two layer inputs), and paged
+optimizers: bitsandbytes' paged state lives in CUDA managed memory that
+`torch.cuda.max_memory_allocated` does not count (`optimizer=paged_adamw_32bit` is the
+canonical job's; here torch's AdamW holds the same two fp32 tensors per LoRA weight, reported
+apart).
 """
 
 from __future__ import annotations
@@ -38,10 +41,13 @@ import weakref
 from pathlib import Path
 from unittest import mock
 
+import numpy
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from lorafit.model.offload import HostOffload
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -249,17 +255,37 @@ def _mixed_addcmul_in_rows(start, tensor1, tensor2, value, dtype):  # noqa: ANN0
     return out
 
 
+class HostMemoryOffload(HostOffload):
+    """`model.offload_activations` with a GPU's memory, on the CPU: the large saved tensors go
+    to host memory as on a GPU (a CPU tensor is on no accelerator, so lorafit's hooks keep it
+    where it is), each host copy held in numpy's memory, which torch's allocator and so the
+    profiler's count never see, as a GPU's allocated memory leaves out host memory; backward
+    gets each back as a new tensor, as a GPU gets a device copy (counted)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{**kwargs, "offloads": lambda tensor: True})
+
+    def _host_buffer(self, source: torch.Tensor) -> torch.Tensor:
+        raw = numpy.empty(source.numel() * source.element_size(), dtype=numpy.uint8)
+        return torch.from_numpy(raw).view(source.dtype).view(source.shape)
+
+    def _back(self, saved) -> torch.Tensor:  # noqa: ANN001
+        return saved.host.clone()
+
+
 def gpu_forms(gpu_memory: bool = True) -> contextlib.ExitStack:
     """Where lorafit picks a form by device (`lora_dropout.one_pass`), the GPU's; with
     `gpu_memory`, made with a GPU's memory (`_mixed_addcmul_in_rows`, whose row chunks add
-    operators a GPU does not dispatch: not for counting them)."""
-    from lorafit.model import lora_branch, lora_dropout
+    operators a GPU does not dispatch: not for counting them; offloading's host copies out of
+    the count, `HostMemoryOffload`)."""
+    from lorafit.model import lora_branch, lora_dropout, module
 
     stack = contextlib.ExitStack()
     stack.enter_context(mock.patch.object(lora_dropout, "CPU_FORM_DEVICES", frozenset()))
     if gpu_memory:
-        for module in (lora_dropout, lora_branch):
-            stack.enter_context(mock.patch.object(module, "mixed_addcmul", _mixed_addcmul_in_rows))
+        for forms in (lora_dropout, lora_branch):
+            stack.enter_context(mock.patch.object(forms, "mixed_addcmul", _mixed_addcmul_in_rows))
+        stack.enter_context(mock.patch.object(module, "HostOffload", HostMemoryOffload))
     return stack
 
 

@@ -142,12 +142,7 @@ class HostOffload(saved_tensors_hooks):
         if source_ref is None or source_ref() is None:
             # A view's own elements only, laid out contiguously; the storage may be larger.
             source = tensor.contiguous()
-            host = torch.empty(
-                source.shape,
-                dtype=source.dtype,
-                device="cpu",
-                pin_memory=source.is_cuda,
-            )
+            host = self._host_buffer(source)
             streamed = _streamed(source)
             if streamed:
                 self._copy_out(source, host)
@@ -158,6 +153,17 @@ class HostOffload(saved_tensors_hooks):
             self._copies[key] = (weakref.ref(tensor), saved)
             self.offloaded_bytes += host.nbytes
         return saved
+
+    def _host_buffer(self, source: torch.Tensor) -> torch.Tensor:
+        """An empty host tensor for `source`'s copy, pinned where it comes from a GPU."""
+        return torch.empty(
+            source.shape, dtype=source.dtype, device="cpu", pin_memory=source.is_cuda
+        )
+
+    def _back(self, saved: _Saved) -> torch.Tensor:
+        """The host copy of `saved` on its device again, where it is not streamed (on the CPU:
+        the host copy itself)."""
+        return saved.host.to(saved.device)
 
     def _copy_out(self, source: torch.Tensor, host: torch.Tensor) -> None:
         """Copy `source` to `host` on the side stream, after what the compute stream has queued
@@ -198,7 +204,7 @@ class HostOffload(saved_tensors_hooks):
                 torch.cuda.current_stream(saved.device).wait_event(saved.ready)
             return fetched
         if not saved.streamed:
-            return saved.host.to(saved.device)  # on the CPU: the host copy itself
+            return self._back(saved)
         return saved.host.to(saved.device, non_blocking=True)
 
     def _fetch_ahead(self, index: int) -> None:
@@ -210,7 +216,7 @@ class HostOffload(saved_tensors_hooks):
         if saved is None or saved.taken or saved.fetched is not None:
             return
         if not saved.streamed:
-            saved.fetched = saved.host.to(saved.device)
+            saved.fetched = self._back(saved)
             return
         side = self._stream(saved.device)
         saved.fetched = torch.empty_like(saved.host, device=saved.device)
