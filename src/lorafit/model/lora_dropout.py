@@ -156,14 +156,27 @@ def order_compiled_draws(device: torch.device) -> None:
         _DRAW_ORDER[device] = torch.zeros(1, dtype=torch.uint8, device=device)
 
 
-@torch.library.custom_op("lorafit::ordered_mask", mutates_args={"order"})
-def _ordered_mask(x: torch.Tensor, p: float, order: torch.Tensor) -> torch.Tensor:
+# Defined with torch.library's plain registration rather than `torch.library.custom_op`, whose
+# Python wrappers (autograd, in-place bookkeeping, default arguments) run at every call, from
+# compiled code too: host time, 448 calls a step for the canonical job compiled. The mask is
+# bytes, which autograd never differentiates, so the op needs no autograd kernel.
+_LIBRARY = torch.library.Library("lorafit", "DEF")
+_LIBRARY.define("ordered_mask(Tensor x, float p, Tensor(a!) order) -> Tensor")
+
+
+def _ordered_mask_kernel(x: torch.Tensor, p: float, order: torch.Tensor) -> torch.Tensor:
     return _mask(x, p)
 
 
-@_ordered_mask.register_fake
+_LIBRARY.impl("ordered_mask", _ordered_mask_kernel, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("lorafit::ordered_mask")
 def _(x: torch.Tensor, p: float, order: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+
+
+_ordered_mask = torch.ops.lorafit.ordered_mask.default
 
 
 # Devices that take the CPU's forms of the operations below. A GPU kernel casts its operands
