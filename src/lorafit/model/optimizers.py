@@ -200,8 +200,9 @@ class FlatUpdates(OneWaitPerStep):
 
     def _linked(self, index: int, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The group's state buffers, with each parameter's states views of its part: made at
-        the first step, and again (the states copied in) where they are not, as after a state
-        dict was loaded."""
+        the first step, and linked again (the states copied in) where they are not, as after a
+        state dict was loaded. Buffers of the group's size are reused: bitsandbytes never frees
+        paged memory, so new ones would hold a second copy to the end of the process."""
         buffers = self._buffers.get(index)
         offsets = [0]
         for p in params:
@@ -213,14 +214,17 @@ class FlatUpdates(OneWaitPerStep):
             for p, start in zip(params, offsets[:-1], strict=True)
         ):
             return buffers
-        if buffers is not None:
-            self._release(buffers)
-        buffers = (self._buffer(offsets[-1], params[0]), self._buffer(offsets[-1], params[0]))
+        if buffers is None or buffers[0].numel() != offsets[-1]:
+            if buffers is not None:
+                self._release(buffers)
+            buffers = (self._buffer(offsets[-1], params[0]), self._buffer(offsets[-1], params[0]))
         for p, start, end in zip(params, offsets[:-1], offsets[1:], strict=True):
             state = self.state[p]
             for key, buffer in zip(("state1", "state2"), buffers, strict=True):
                 part = buffer[start:end].view_as(p)
-                if key in state:
+                if key not in state:
+                    part.zero_()
+                elif state[key].data_ptr() != part.data_ptr():
                     part.copy_(state[key])
                 state[key] = part
             state.setdefault("step", 0)
@@ -242,8 +246,8 @@ class FlatUpdates(OneWaitPerStep):
         return self.is_paged and like.device.type != "cpu" and numel >= 1e5
 
     def _release(self, buffers: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Buffers replaced (a state dict was loaded after steps) leave the page manager's list,
-        which would otherwise keep their paged memory for the rest of the run."""
+        """Buffers replaced by others of another size leave the page manager's list, so that
+        its prefetches no longer touch them."""
         self.page_mng.paged_tensors[:] = [
             t for t in self.page_mng.paged_tensors if not any(t is b for b in buffers)
         ]
