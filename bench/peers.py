@@ -144,6 +144,15 @@ LEVERS = {
         "data.micro_batch_size=2",
         "model.offload_activations=true",
     ],
+    # The same without the compiled dequantization, which inside a compiled layer keeps the
+    # layer's dequantized weights for backward (0.32 GiB more by bench/peak_memory.py)
+    "compile-layers-rows-2-offload": [
+        "model.compile=true",
+        "model.compile_scope=layers",
+        "data.batch_size=2",
+        "data.micro_batch_size=2",
+        "model.offload_activations=true",
+    ],
     # The host levers and the GPU's together at 2048: whole layers compiled, the compiled
     # dequantization, two rows a step within the 7 GB of one row (offloading)
     "compile-layers-dequant-rows-2-offload": [
