@@ -16,16 +16,16 @@ waits: there a tensor's kernel runs on its own device's stream, which nothing el
 
 The 32-bit one (`paged_adamw_32bit`) also updates each parameter group in few calls of
 bitsandbytes' kernel, each over up to 16M values laid end to end (`FlatUpdates`; six calls a
-step for the canonical job), where bitsandbytes makes,
-for each of the 448 tensors, Python calls, two prefetches of paged states and a kernel launch:
-on a GPU at 2048 tokens, host time the GPU waits on. AdamW in 32 bits updates each value from
-its own gradient and states alone, so one call over a concatenation gives each value the bits
-a call per tensor gives it. The parameters stay tensors of their own (a checkpoint or an
-adapter file saves them apart): they are copied into a run and back, which the GPU does in a
-few passes. The states live in one buffer a group, each parameter's state a view of
-its part, so state dicts have bitsandbytes' layout, and a state loaded from one is copied into
-the buffers at the next step. The 8-bit states are quantized in blocks within each tensor, so
-those optimizers keep a call per tensor.
+step for the canonical job), where bitsandbytes makes, for each of the 448 tensors, Python
+calls, two prefetches of paged states and a kernel launch: on a GPU at 2048 tokens, host time
+the GPU waits on. AdamW in 32 bits updates each value from its own gradient and states alone,
+so one call over a concatenation gives each value the bits a call per tensor gives it. The
+parameters stay tensors of their own (a checkpoint or an adapter file saves them apart): they
+are copied into a run and back, which the GPU does in a few passes. The states live in one
+buffer a group, each parameter's state a view of its part, so state dicts have bitsandbytes'
+layout, and a state loaded from one is copied into the buffers at the next step. The 8-bit
+states are quantized in blocks within each tensor, so those optimizers keep a call per
+tensor.
 """
 
 from __future__ import annotations
@@ -214,9 +214,7 @@ class FlatUpdates(OneWaitPerStep):
             for p, start in zip(params, offsets[:-1], strict=True)
         ):
             return buffers
-        if buffers is None or buffers[0].numel() != offsets[-1]:
-            if buffers is not None:
-                self._release(buffers)
+        if buffers is None:
             buffers = (self._buffer(offsets[-1], params[0]), self._buffer(offsets[-1], params[0]))
         for p, start, end in zip(params, offsets[:-1], offsets[1:], strict=True):
             state = self.state[p]
@@ -244,13 +242,6 @@ class FlatUpdates(OneWaitPerStep):
         """Whether a state buffer of `numel` values goes to paged memory, as bitsandbytes
         decides for a state of that size."""
         return self.is_paged and like.device.type != "cpu" and numel >= 1e5
-
-    def _release(self, buffers: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Buffers replaced by others of another size leave the page manager's list, so that
-        its prefetches no longer touch them."""
-        self.page_mng.paged_tensors[:] = [
-            t for t in self.page_mng.paged_tensors if not any(t is b for b in buffers)
-        ]
 
 
 class PagedAdamW32bit(FlatUpdates, bnb_optim.PagedAdamW32bit):
