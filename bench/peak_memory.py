@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import sys
 import tempfile
+import traceback
 import weakref
 from pathlib import Path
 from unittest import mock
@@ -149,7 +150,12 @@ class LiveTensors(TorchDispatchMode):
     live ones are noted. Slower than the profiler and blind to what kernels allocate inside,
     so it explains the peak rather than measures it. While a dispatch mode is active autograd
     sums the gradients of a tensor with several consumers into a new tensor rather than into
-    one of them in place, so this may list a sum a plain run does not make."""
+    one of them in place, so this may list a sum a plain run does not make. A tensor of
+    `NAMED_FROM` bytes or more is labelled with the lines of the model's code that made it."""
+
+    # Frames worth naming where a large tensor is made: the model's code, not torch's.
+    OWN_CODE = ("/lorafit/", "/transformers/models/", "/peft/", "/bitsandbytes/")
+    NAMED_FROM = 16 * 2**20  # bytes; smaller tensors are not worth a stack walk each
 
     def __init__(self, keep: int = 12):
         super().__init__()
@@ -172,7 +178,10 @@ class LiveTensors(TorchDispatchMode):
             if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() in inputs:
                 continue
             if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
-                self._track(tensor, f"{phase} {func.__name__} {list(tensor.shape)} {tensor.dtype}")
+                label = f"{phase} {func.__name__} {list(tensor.shape)} {tensor.dtype}"
+                if tensor.untyped_storage().nbytes() >= self.NAMED_FROM:
+                    label += made_in(self.OWN_CODE)
+                self._track(tensor, label)
         return out
 
     def mark(self) -> None:
@@ -198,6 +207,16 @@ class LiveTensors(TorchDispatchMode):
         size, _ = self._live.pop(key, (0, ""))
         self._refs.pop(key, None)
         self.running -= size
+
+
+def made_in(own_code: tuple[str, ...], frames: int = 3) -> str:
+    """' <- file:line function / ...': the innermost frames of the model's code on the stack,
+    outermost first; a checkpointed layer's recomputation shows its forward's lines."""
+    stack = [f for f in traceback.extract_stack() if any(part in f.filename for part in own_code)]
+    if not stack:
+        return ""
+    named = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in stack[-frames:]]
+    return " <- " + " / ".join(named)
 
 
 def live_storages(model: torch.nn.Module, optimizers) -> dict[str, int]:
@@ -377,7 +396,9 @@ def main() -> None:
     parser.add_argument(
         "--at-peak",
         action="store_true",
-        help="list the largest tensors alive at the peak of one step, the first layer count",
+        help="list the largest tensors alive at the peak of one step, the first layer count, "
+        "each of 16 MiB or more with the lines of lorafit's, transformers' or peft's code that "
+        "made it",
     )
     args = parser.parse_args()
     data, rows = data_overrides(args)

@@ -69,6 +69,24 @@ def test_the_live_tensors_at_the_peak_are_those_alive_together() -> None:
     ]
 
 
+def _made_here() -> torch.Tensor:
+    return torch.empty(16 * MIB, dtype=torch.uint8)
+
+
+def test_a_large_live_tensor_names_the_code_that_made_it(monkeypatch) -> None:
+    monkeypatch.setattr(peak_memory.LiveTensors, "OWN_CODE", ("/test_bench_peak_memory.py",))
+    with peak_memory.LiveTensors() as live:
+        live.mark()
+        large = _made_here()
+        small = torch.empty(MIB, dtype=torch.uint8)  # under NAMED_FROM: no stack walk
+        del large, small
+    (large_label, small_label) = [label for _, label in live.at_peak]
+    line = _made_here.__code__.co_firstlineno + 1
+    assert large_label.endswith(f"test_bench_peak_memory.py:{line} _made_here"), large_label
+    assert " <- test_bench_peak_memory.py:" in large_label  # the test itself, outermost first
+    assert "<-" not in small_label
+
+
 def _measure(layers: int) -> dict:
     return peak_memory.measure(
         layers,
