@@ -23,6 +23,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 IGNORE_INDEX = -100
+PROFILED_STEPS = 2  # --profile: the steps after the warm-up that torch.profiler records
 
 
 def compose(overrides: list[str], output_dir: str):
@@ -52,6 +53,7 @@ class StepMeter:
         self.profile = profile
         self.trace = trace
         self.gpu_busy_share: float | None = None
+        self.gpu_time_by_kind: dict[str, dict[str, float]] | None = None
         # Per step: host seconds in each of PHASES (lorafit's variants only).
         self.phases: list[dict[str, float]] = []
         self.times: list[float] = []
@@ -85,20 +87,22 @@ class StepMeter:
             torch.cuda.reset_peak_memory_stats()
         if self.profile and done == self.warmup:
             self._start_profiler()
-        elif self._profiler is not None and done == self.warmup + 2:
+        elif self._profiler is not None and done == self.warmup + PROFILED_STEPS:
             self._stop_profiler()
 
     def _start_profiler(self) -> None:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-        self._profiler = profile(activities=activities)
+        # Shapes name each product's sides, which tell LoRA's thin products from the base's.
+        self._profiler = profile(activities=activities, record_shapes=self.cuda)
         self._profiler.start()
 
     def _stop_profiler(self) -> None:
         self._profiler.stop()
         if self.cuda:
             self.gpu_busy_share = gpu_busy_share(self._profiler.events())
+            self.gpu_time_by_kind = gpu_time_by_kind(self._profiler.events(), PROFILED_STEPS)
         if self.trace:
             _write_trace(self._profiler, self.trace)
         averages = self._profiler.key_averages()
@@ -106,6 +110,9 @@ class StepMeter:
         if self.cuda:
             by_gpu = averages.table(sort_by="self_device_time_total", row_limit=25)
             self.profile_table += "\n\ntop 25 by self GPU time:\n" + by_gpu
+        if self.gpu_time_by_kind:
+            kinds = kinds_table(self.gpu_time_by_kind)
+            self.profile_table += "\n\nGPU kernel time a step, by kind:\n" + kinds
         self._profiler = None
 
     def summary(self) -> dict[str, Any]:
@@ -130,6 +137,7 @@ class StepMeter:
             if timed_phases
             else None,
             "gpu_busy_share": self.gpu_busy_share,
+            "gpu_time_by_kind": self.gpu_time_by_kind,
             "tokens": tokens,
             "tokens_per_s": tokens / elapsed,
             "tokens_per_step": tokens / steps,
@@ -194,6 +202,85 @@ def gpu_busy_share(events) -> float | None:
             busy += end - max(start, reach)
             reach = end
     return busy / window if window > 0 else None
+
+
+# What a GPU kernel does, told by its name and the op that launched it. Kernel names: cuBLAS'
+# and CUTLASS products (gemm, nvjet, xmma), flash and cuDNN attention, bitsandbytes' kernels
+# (kDequantize..., kOptimizer...), torch's foreach kernels (multi_tensor_apply: AdamW, and the
+# clipping's norms), Inductor's Triton kernels (triton_..., named after the aten ops they fuse:
+# the compiled NF4 dequantization shifts and masks bytes, `bitwise_and`; triton_tem: products).
+PRODUCT_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm"}
+PRODUCT_NAMES = ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")
+ATTENTION_NAMES = ("flash", "fmha", "attention", "attn", "sdpa")
+THIN = 64  # a product with a side this short or shorter is a LoRA one (r = 32 in the job)
+KINDS = (
+    "products, base",
+    "products, LoRA (a side of 64 or less)",
+    "attention",
+    "4-bit dequantization",
+    "optimizer and clipping",
+    "compiled elementwise and reductions",
+    "eager elementwise and reductions",
+    "copies and fills",
+    "not claimed by an op",
+)
+
+
+def kernel_kind(kernel: str, op: str, shapes: list) -> str:
+    """One of KINDS for a kernel, from its name and the launching op's name and input shapes."""
+    name = kernel.lower()
+    if "kdequantize" in name or (name.startswith("triton") and "bitwise" in name):
+        return "4-bit dequantization"
+    if "optimizer" in name or "multi_tensor_apply" in name:
+        return "optimizer and clipping"
+    if any(part in name for part in ATTENTION_NAMES):
+        return "attention"
+    if "memcpy" in name or "memset" in name:
+        return "copies and fills"
+    if op in PRODUCT_OPS or name.startswith("triton_tem") or any(p in name for p in PRODUCT_NAMES):
+        sides = [side for shape in shapes if len(shape) >= 2 for side in shape[-2:]]
+        thin = sides and min(sides) <= THIN
+        return "products, LoRA (a side of 64 or less)" if thin else "products, base"
+    if name.startswith("triton"):
+        return "compiled elementwise and reductions"
+    return "eager elementwise and reductions"
+
+
+def gpu_time_by_kind(events, steps: int) -> dict[str, dict[str, float]] | None:
+    """Kernel milliseconds and kernels a step by kind, from a profile's events: each kernel as
+    the op that launched it claims it; what no op claims (its launch seen without a torch op
+    around it) in a kind of its own, so the kinds add up to all the kernel time."""
+    from torch.autograd import DeviceType
+
+    total = sum(
+        e.time_range.end - e.time_range.start for e in events if e.device_type == DeviceType.CUDA
+    )
+    if not total:
+        return None
+    found = {kind: [0.0, 0] for kind in KINDS}
+    for op in events:
+        if op.device_type != DeviceType.CPU:
+            continue
+        for kernel in op.kernels:
+            tally = found[kernel_kind(kernel.name, op.name, op.input_shapes or [])]
+            tally[0] += kernel.duration
+            tally[1] += 1
+    claimed = sum(us for us, _ in found.values())
+    found["not claimed by an op"][0] += max(total - claimed, 0.0)
+    return {
+        kind: {"ms": us / 1000 / steps, "share": us / total, "kernels": count / steps}
+        for kind, (us, count) in found.items()
+        if us > 0
+    }
+
+
+def kinds_table(kinds: dict[str, dict[str, float]]) -> str:
+    lines = ["| kind | ms a step | share of kernel time | kernels a step |", "|" + " --- |" * 4]
+    for kind, row in sorted(kinds.items(), key=lambda item: -item[1]["ms"]):
+        lines.append(f"| {kind} | {row['ms']:.1f} | {row['share']:.1%} | {row['kernels']:.0f} |")
+    total = sum(row["ms"] for row in kinds.values())
+    lines.append(f"| all | {total:.1f} | 100% | {sum(r['kernels'] for r in kinds.values()):.0f} |")
+    return "\n".join(lines)
 
 
 def _write_trace(profiler, path: str) -> None:

@@ -4,7 +4,8 @@
     python bench/peers.py --tiny              # every variant on a tiny random Mistral, seconds
     python bench/peers.py --device cuda       # GPU: Mistral-7B-shaped QLoRA at 2048 and 8192
     python bench/peers.py --suite gpu --tiny  # the GPU variant list on CPU, without quantization
-    python bench/peers.py --profile hf-flat   # torch.profiler over 2 steps of one variant
+    python bench/peers.py --profile hf-flat   # torch.profiler over 2 steps of one variant;
+                                              # on a GPU its kernel time by kind too
     python bench/peers.py --levers sdpa,plain-loss   # lorafit packed with each lever too
     python bench/peers.py --variants lorafit-packed,hf-flat --rounds 3   # interleaved, medians
 

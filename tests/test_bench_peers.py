@@ -243,6 +243,155 @@ def test_the_gpu_busy_share_is_the_union_of_the_kernels_over_the_window() -> Non
     assert gpu_busy_share([event(cpu, 0, 100)]) is None
 
 
+@pytest.mark.parametrize(
+    ("kernel", "op", "shapes", "kind"),
+    [
+        (
+            "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNN",
+            "aten::mm",
+            [[2048, 4096], [4096, 14336]],
+            "products, base",
+        ),
+        (
+            "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n",
+            "aten::mm",
+            [[2048, 4096], [4096, 32]],
+            "products, LoRA (a side of 64 or less)",
+        ),
+        (
+            "ampere_bf16_s16816gemm_bf16_128x64",
+            "aten::addmm",
+            [[32], [4096, 2048], [2048, 32]],
+            "products, LoRA (a side of 64 or less)",
+        ),
+        ("triton_tem_fused_mm_0", "triton_tem_fused_mm_0", [], "products, base"),
+        (
+            "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>",
+            "aten::_flash_attention_forward",
+            [],
+            "attention",
+        ),
+        (
+            "cudnn_generated_fort_native_sdpa_sm90_knob_7",
+            "aten::_cudnn_attention_forward",
+            [],
+            "attention",
+        ),
+        (
+            "void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>",
+            "aten::empty",
+            [],
+            "4-bit dequantization",
+        ),
+        (
+            "triton_poi_fused___rshift____to_copy_arange_bitwise_and_index_mul_view_0",
+            "triton_poi_fused___rshift____to_copy_arange_bitwise_and_index_mul_view_0",
+            [],
+            "4-bit dequantization",
+        ),
+        ("void kOptimizer32bit2State<float, 0>", "optimizer", [], "optimizer and clipping"),
+        (
+            "void at::native::multi_tensor_apply_kernel<TensorListMetadata<1>>",
+            "aten::_foreach_norm",
+            [],
+            "optimizer and clipping",
+        ),
+        (
+            "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0",
+            "triton_red_fused_0",
+            [],
+            "compiled elementwise and reductions",
+        ),
+        (
+            "void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>",
+            "aten::add_",
+            [],
+            "eager elementwise and reductions",
+        ),
+        ("Memcpy HtoD (Pinned -> Device)", "aten::copy_", [], "copies and fills"),
+    ],
+)
+def test_a_kernel_s_kind_comes_from_its_name_and_the_op_that_launched_it(
+    kernel: str, op: str, shapes: list, kind: str
+) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from peer_worker import KINDS, kernel_kind
+
+    assert kernel_kind(kernel, op, shapes) == kind
+    assert kind in KINDS
+
+
+def test_the_kinds_add_up_to_the_kernel_time_with_what_no_op_claims() -> None:
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Kernel
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from peer_worker import gpu_time_by_kind, kinds_table
+
+    def kernel_event(start, end):
+        return SimpleNamespace(
+            device_type=DeviceType.CUDA, time_range=SimpleNamespace(start=start, end=end)
+        )
+
+    def op(name, shapes, *kernels):
+        return SimpleNamespace(
+            device_type=DeviceType.CPU,
+            name=name,
+            input_shapes=shapes,
+            kernels=[Kernel(k, 0, us) for k, us in kernels],
+            time_range=SimpleNamespace(start=0, end=1),
+        )
+
+    events = [
+        op("aten::mm", [[2048, 4096], [4096, 4096]], ("nvjet_a", 600.0)),
+        op("aten::mm", [[2048, 4096], [4096, 32]], ("nvjet_b", 100.0), ("nvjet_c", 100.0)),
+        op("aten::add_", [], ("vectorized_elementwise_kernel", 100.0)),
+        # Kernel events, each 1,000 us in all: 100 us that no op claims.
+        *[kernel_event(0, us) for us in (600.0, 100.0, 100.0, 100.0, 100.0)],
+    ]
+    kinds = gpu_time_by_kind(events, steps=2)
+    assert kinds == {
+        "products, base": {"ms": 0.3, "share": 0.6, "kernels": 0.5},
+        "products, LoRA (a side of 64 or less)": {"ms": 0.1, "share": 0.2, "kernels": 1.0},
+        "eager elementwise and reductions": {"ms": 0.05, "share": 0.1, "kernels": 0.5},
+        "not claimed by an op": {"ms": 0.05, "share": 0.1, "kernels": 0.0},
+    }
+    table = kinds_table(kinds).splitlines()
+    assert table[2] == "| products, base | 0.3 | 60.0% | 0 |"  # the largest first
+    assert table[-1] == "| all | 0.5 | 100% | 2 |"
+    assert gpu_time_by_kind(events[:3], steps=2) is None  # no kernel ran: a CPU profile
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_profiled_kernels_are_told_apart_by_kind() -> None:
+    """The kinds rest on each CUDA kernel being claimed by the aten op that launched it, with
+    that op's input shapes: a wide and a thin product and an add, profiled by the bench's own
+    meter, come out as three kinds that hold nearly all the kernel time."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    sys.path.insert(0, str(ROOT / "bench"))
+    from peer_worker import StepMeter
+
+    meter = StepMeter(warmup=1, cuda=True, profile=True)
+    x = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16)
+    wide = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    thin = torch.randn(4096, 32, device="cuda", dtype=torch.bfloat16)
+    for _ in range(4):
+        (x @ wide).add_(1.0)
+        x @ thin
+        meter.step_end()
+    kinds = meter.gpu_time_by_kind
+    assert {"products, base", "products, LoRA (a side of 64 or less)"} <= set(kinds), kinds
+    assert kinds["products, base"]["kernels"] == 1 and kinds["products, base"]["share"] > 0.5
+    assert kinds.get("not claimed by an op", {"share": 0})["share"] < 0.05, kinds
+    assert sum(k["share"] for k in kinds.values()) == pytest.approx(1.0)
+    assert "GPU kernel time a step, by kind" in meter.profile_table
+
+
 @pytest.mark.slow
 def test_a_profiled_variant_writes_its_trace_beside_the_results(tmp_path: Path) -> None:
     import gzip
