@@ -233,16 +233,20 @@ def kernel_kind(kernel: str, op: str, shapes: list) -> str:
         return "4-bit dequantization"
     if "optimizer" in name or "multi_tensor_apply" in name:
         return "optimizer and clipping"
+    if name.startswith("triton_tem"):  # Inductor's product templates
+        return "products, base"
+    if name.startswith("triton"):
+        # Before the attention's names: a kernel fused from the ops around an attention call
+        # is named after it too, but the attention itself is flash's or cuDNN's.
+        return "compiled elementwise and reductions"
     if any(part in name for part in ATTENTION_NAMES):
         return "attention"
     if "memcpy" in name or "memset" in name:
         return "copies and fills"
-    if op in PRODUCT_OPS or name.startswith("triton_tem") or any(p in name for p in PRODUCT_NAMES):
+    if op in PRODUCT_OPS or any(part in name for part in PRODUCT_NAMES):
         sides = [side for shape in shapes if len(shape) >= 2 for side in shape[-2:]]
         thin = sides and min(sides) <= THIN
         return "products, LoRA (a side of 64 or less)" if thin else "products, base"
-    if name.startswith("triton"):
-        return "compiled elementwise and reductions"
     return "eager elementwise and reductions"
 
 

@@ -309,6 +309,12 @@ def test_the_gpu_busy_share_is_the_union_of_the_kernels_over_the_window() -> Non
             "eager elementwise and reductions",
         ),
         ("Memcpy HtoD (Pinned -> Device)", "aten::copy_", [], "copies and fills"),
+        (
+            "triton_poi_fused__scaled_dot_product_flash_attention_transpose_0",
+            "triton_poi_fused__scaled_dot_product_flash_attention_transpose_0",
+            [],
+            "compiled elementwise and reductions",
+        ),
     ],
 )
 def test_a_kernel_s_kind_comes_from_its_name_and_the_op_that_launched_it(
