@@ -250,10 +250,21 @@ def kernel_kind(kernel: str, op: str, shapes: list) -> str:
     return "eager elementwise and reductions"
 
 
+def product_flops(shapes: list) -> int | None:
+    """2 M K N (times the batch) for a product op's input shapes: its last two operands of two
+    dimensions or more, [..., M, K] and [..., K, N] (mm, addmm's after its bias, bmm)."""
+    matrices = [shape for shape in shapes if len(shape) >= 2][-2:]
+    if len(matrices) != 2 or matrices[0][-1] != matrices[1][-2]:
+        return None
+    (*batch, m, k), n = matrices[0], matrices[1][-1]
+    return 2 * math.prod(batch) * m * k * n
+
+
 def gpu_time_by_kind(events, steps: int) -> dict[str, dict[str, float]] | None:
     """Kernel milliseconds and kernels a step by kind, from a profile's events: each kernel as
     the op that launched it claims it; what no op claims (its launch seen without a torch op
-    around it) in a kind of its own, so the kinds add up to all the kernel time."""
+    around it) in a kind of its own, so the kinds add up to all the kernel time. For the
+    products, the TFLOP/s they ran at, over those whose op's shapes give their FLOPs."""
     from torch.autograd import DeviceType
 
     total = sum(
@@ -261,29 +272,42 @@ def gpu_time_by_kind(events, steps: int) -> dict[str, dict[str, float]] | None:
     )
     if not total:
         return None
-    found = {kind: [0.0, 0] for kind in KINDS}
+    # Per kind: kernel us, kernels, and FLOPs with the us of the ops that FLOPs are known for.
+    found = {kind: [0.0, 0, 0, 0.0] for kind in KINDS}
     for op in events:
-        if op.device_type != DeviceType.CPU:
+        if op.device_type != DeviceType.CPU or not op.kernels:
             continue
+        shapes = op.input_shapes or []
         for kernel in op.kernels:
-            tally = found[kernel_kind(kernel.name, op.name, op.input_shapes or [])]
+            tally = found[kernel_kind(kernel.name, op.name, shapes)]
             tally[0] += kernel.duration
             tally[1] += 1
-    claimed = sum(us for us, _ in found.values())
+        flops = product_flops(shapes) if op.name in PRODUCT_OPS else None
+        if flops:  # the op's FLOPs over all its kernels' time (a split-K product has two)
+            tally = found[kernel_kind(op.kernels[0].name, op.name, shapes)]
+            tally[2] += flops
+            tally[3] += sum(kernel.duration for kernel in op.kernels)
+    claimed = sum(tally[0] for tally in found.values())
     found["not claimed by an op"][0] += max(total - claimed, 0.0)
-    return {
-        kind: {"ms": us / 1000 / steps, "share": us / total, "kernels": count / steps}
-        for kind, (us, count) in found.items()
-        if us > 0
-    }
+    kinds = {}
+    for kind, (us, count, flops, timed) in found.items():
+        if us > 0:
+            kinds[kind] = {"ms": us / 1000 / steps, "share": us / total, "kernels": count / steps}
+            if flops:
+                kinds[kind]["tflops"] = flops / timed / 1e6  # FLOP a us to TFLOP a s
+    return kinds
 
 
 def kinds_table(kinds: dict[str, dict[str, float]]) -> str:
-    lines = ["| kind | ms a step | share of kernel time | kernels a step |", "|" + " --- |" * 4]
+    columns = ["kind", "ms a step", "share of kernel time", "kernels a step", "TFLOP/s"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for kind, row in sorted(kinds.items(), key=lambda item: -item[1]["ms"]):
-        lines.append(f"| {kind} | {row['ms']:.1f} | {row['share']:.1%} | {row['kernels']:.0f} |")
+        rate = f"{row['tflops']:.0f}" if "tflops" in row else "-"
+        cells = [kind, f"{row['ms']:.1f}", f"{row['share']:.1%}", f"{row['kernels']:.0f}", rate]
+        lines.append("| " + " | ".join(cells) + " |")
     total = sum(row["ms"] for row in kinds.values())
-    lines.append(f"| all | {total:.1f} | 100% | {sum(r['kernels'] for r in kinds.values()):.0f} |")
+    kernels = sum(row["kernels"] for row in kinds.values())
+    lines.append(f"| all | {total:.1f} | 100% | {kernels:.0f} | - |")
     return "\n".join(lines)
 
 

@@ -358,16 +358,35 @@ def test_the_kinds_add_up_to_the_kernel_time_with_what_no_op_claims() -> None:
         *[kernel_event(0, us) for us in (600.0, 100.0, 100.0, 100.0, 100.0)],
     ]
     kinds = gpu_time_by_kind(events, steps=2)
+    # FLOPs of each product over its kernels' time: 2 M K N in 600 us; in the two of 100 us.
+    base, lora = 2 * 2048 * 4096 * 4096 / 600e-6 / 1e12, 2 * 2048 * 4096 * 32 / 200e-6 / 1e12
     assert kinds == {
-        "products, base": {"ms": 0.3, "share": 0.6, "kernels": 0.5},
-        "products, LoRA (a side of 64 or less)": {"ms": 0.1, "share": 0.2, "kernels": 1.0},
+        "products, base": {"ms": 0.3, "share": 0.6, "kernels": 0.5, "tflops": pytest.approx(base)},
+        "products, LoRA (a side of 64 or less)": {
+            "ms": 0.1,
+            "share": 0.2,
+            "kernels": 1.0,
+            "tflops": pytest.approx(lora),
+        },
         "eager elementwise and reductions": {"ms": 0.05, "share": 0.1, "kernels": 0.5},
         "not claimed by an op": {"ms": 0.05, "share": 0.1, "kernels": 0.0},
     }
     table = kinds_table(kinds).splitlines()
-    assert table[2] == "| products, base | 0.3 | 60.0% | 0 |"  # the largest first
-    assert table[-1] == "| all | 0.5 | 100% | 2 |"
+    assert table[2] == "| products, base | 0.3 | 60.0% | 0 | 115 |"  # the largest first
+    assert table[4] == "| eager elementwise and reductions | 0.1 | 10.0% | 0 | - |"
+    assert table[-1] == "| all | 0.5 | 100% | 2 | - |"
     assert gpu_time_by_kind(events[:3], steps=2) is None  # no kernel ran: a CPU profile
+
+
+def test_a_product_s_flops_come_from_its_operands_shapes() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from peer_worker import product_flops
+
+    assert product_flops([[2048, 4096], [4096, 32]]) == 2 * 2048 * 4096 * 32  # mm
+    assert product_flops([[32], [2048, 4096], [4096, 32]]) == 2 * 2048 * 4096 * 32  # addmm
+    assert product_flops([[8, 64, 128], [8, 128, 16]]) == 2 * 8 * 64 * 128 * 16  # bmm
+    assert product_flops([[2048, 4096], [32, 4096]]) is None  # not a product's shapes
+    assert product_flops([]) is None  # shapes not recorded
 
 
 @pytest.mark.gpu
@@ -392,7 +411,8 @@ def test_on_a_gpu_the_profiled_kernels_are_told_apart_by_kind() -> None:
         meter.step_end()
     kinds = meter.gpu_time_by_kind
     assert {"products, base", "products, LoRA (a side of 64 or less)"} <= set(kinds), kinds
-    assert kinds["products, base"]["kernels"] == 1 and kinds["products, base"]["share"] > 0.5
+    assert kinds["products, base"]["kernels"] >= 1 and kinds["products, base"]["share"] > 0.5
+    assert 50 < kinds["products, base"]["tflops"] < 2000  # an H100's or H200's bf16 range
     assert kinds.get("not claimed by an op", {"share": 0})["share"] < 0.05, kinds
     assert sum(k["share"] for k in kinds.values()) == pytest.approx(1.0)
     assert "GPU kernel time a step, by kind" in meter.profile_table
