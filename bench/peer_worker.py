@@ -183,15 +183,22 @@ class RecompileLimits(logging.Handler):
             self.functions.append(str(args[2]) if len(args) > 2 else record.getMessage())
 
 
+def _ran_on_gpu(event) -> bool:
+    """A kernel, copy or fill on the GPU; not a range a `record_function` marks on its
+    timeline, which spans kernels and the gaps between them."""
+    from torch.autograd import DeviceType
+
+    return event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+
+
 def gpu_busy_share(events) -> float | None:
     """The share of a profiled window in which at least one GPU kernel ran: the union of the
     kernels' intervals over the window from the first event's start to the last one's end."""
-    from torch.autograd import DeviceType
 
     spans = sorted(
         (e.time_range.start, e.time_range.end)
         for e in events
-        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
+        if _ran_on_gpu(e) and e.time_range.end > e.time_range.start
     )
     if not spans:
         return None
@@ -267,9 +274,7 @@ def gpu_time_by_kind(events, steps: int) -> dict[str, dict[str, float]] | None:
     products, the TFLOP/s they ran at, over those whose op's shapes give their FLOPs."""
     from torch.autograd import DeviceType
 
-    total = sum(
-        e.time_range.end - e.time_range.start for e in events if e.device_type == DeviceType.CUDA
-    )
+    total = sum(e.time_range.end - e.time_range.start for e in events if _ran_on_gpu(e))
     if not total:
         return None
     # Per kind: kernel us, kernels, and FLOPs with the us of the ops that FLOPs are known for.

@@ -240,6 +240,10 @@ def test_the_gpu_busy_share_is_the_union_of_the_kernels_over_the_window() -> Non
     cpu, cuda = DeviceType.CPU, DeviceType.CUDA
     events = [event(cpu, 0, 100), event(cuda, 10, 30), event(cuda, 20, 40), event(cuda, 60, 70)]
     assert gpu_busy_share(events) == pytest.approx(0.4)  # 10-40 and 60-70 of 0-100
+    # A record_function's range mirrored on the GPU's timeline spans the gaps: not a kernel.
+    annotation = event(cuda, 0, 100)
+    annotation.is_user_annotation = True
+    assert gpu_busy_share([*events, annotation]) == pytest.approx(0.4)
     assert gpu_busy_share([event(cpu, 0, 100)]) is None
 
 
@@ -357,7 +361,9 @@ def test_the_kinds_add_up_to_the_kernel_time_with_what_no_op_claims() -> None:
         # Kernel events, each 1,000 us in all: 100 us that no op claims.
         *[kernel_event(0, us) for us in (600.0, 100.0, 100.0, 100.0, 100.0)],
     ]
-    kinds = gpu_time_by_kind(events, steps=2)
+    annotation = kernel_event(0, 5000.0)  # a record_function's range on the GPU's timeline
+    annotation.is_user_annotation = True
+    kinds = gpu_time_by_kind([*events, annotation], steps=2)
     # FLOPs of each product over its kernels' time: 2 M K N in 600 us; in the two of 100 us.
     base, lora = 2 * 2048 * 4096 * 4096 / 600e-6 / 1e12, 2 * 2048 * 4096 * 32 / 200e-6 / 1e12
     assert kinds == {
