@@ -420,9 +420,10 @@ def run_lorafit(spec: dict, cfg, meter: StepMeter) -> None:
             self.phases: dict[str, float] = {}
             self.mark = time.perf_counter()
 
-        def _lap(self, phase: str) -> None:
-            """Add the time since the last mark to `phase` (micro-batches add up)."""
-            now = time.perf_counter()
+        def _lap(self, phase: str, now: float | None = None) -> None:
+            """Add the time since the last mark, or until `now`, to `phase` (micro-batches add
+            up)."""
+            now = time.perf_counter() if now is None else now
             self.phases[phase] = self.phases.get(phase, 0.0) + now - self.mark
             self.mark = now
 
@@ -442,7 +443,10 @@ def run_lorafit(spec: dict, cfg, meter: StepMeter) -> None:
                 self.global_step = trainer.global_step
                 meter.losses.append(self.loss)
                 meter.step_end()
-                self._lap("optimizer's tail")
+                # Ended at the meter's own time for the step, so that the phases tile the timed
+                # window exactly, whatever the host does after it (the rest of `step_end` falls
+                # in the next step's "between").
+                self._lap("optimizer's tail", now=meter.times[-1])
                 # The first step's "between" holds the run's start: the meter times from the
                 # end of the warm-up, and the phases of warm-up steps are left out.
                 meter.phases.append(self.phases)

@@ -82,14 +82,14 @@ def test_every_variant_trains_at_the_tiny_shape(tmp_path: Path) -> None:
             assert float(table[variant["label"]][1]) > 0
             assert math.isfinite(float(table[variant["label"]][4]))
         assert "command: python bench/peers.py" in stdout and "torch " in stdout
-        # Where lorafit's steps went: its phases add up to the timed wall-clock.
+        # Where lorafit's steps went: its phases tile the timed wall-clock, on any host load.
         phases = _table_rows(stdout, which=1)
         assert set(phases) == {"lorafit packed", "lorafit unpacked"} & set(table), stdout
         for variant in raw["variants"]:
             if variant["kind"].startswith("lorafit"):
                 result = variant["result"]
                 spent = sum(result["host_phases_s"].values()) * result["steps"]
-                assert spent == pytest.approx(result["seconds"], rel=0.05)
+                assert spent == pytest.approx(result["seconds"], rel=1e-9)
                 assert result["host_phases_s"]["forward"] > 0
 
 
