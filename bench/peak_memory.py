@@ -211,10 +211,12 @@ class LiveTensors(TorchDispatchMode):
 
 def made_in(own_code: tuple[str, ...], frames: int = 3) -> str:
     """' <- file:line function / ...': the innermost frames of the model's code on the stack,
-    outermost first; a checkpointed layer's recomputation shows its forward's lines."""
+    outermost first; a checkpointed layer's recomputation shows its forward's lines. Made by
+    autograd's engine with none of that code on the stack: ' <- autograd's NodeName'."""
     stack = [f for f in traceback.extract_stack() if any(part in f.filename for part in own_code)]
     if not stack:
-        return ""
+        node = torch._C._current_autograd_node()
+        return f" <- autograd's {node.name()}" if node is not None else ""
     named = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in stack[-frames:]]
     return " <- " + " / ".join(named)
 
@@ -398,7 +400,7 @@ def main() -> None:
         action="store_true",
         help="list the largest tensors alive at the peak of one step, the first layer count, "
         "each of 16 MiB or more with the lines of lorafit's, transformers' or peft's code that "
-        "made it",
+        "made it (or autograd's node, for what its engine makes)",
     )
     args = parser.parse_args()
     data, rows = data_overrides(args)

@@ -87,6 +87,20 @@ def test_a_large_live_tensor_names_the_code_that_made_it(monkeypatch) -> None:
     assert "<-" not in small_label
 
 
+def test_a_large_tensor_autograd_makes_names_its_node(monkeypatch) -> None:
+    monkeypatch.setattr(peak_memory.LiveTensors, "NAMED_FROM", MIB)
+    x = torch.zeros(MIB // 4, requires_grad=True)  # 1 MiB of fp32
+    with peak_memory.LiveTensors() as live:
+        live.mark()
+        # Backward peaks where ToCopyBackward0 widens the bf16 gradient back to fp32 for x.
+        x.to(torch.bfloat16).sum().backward()
+    labels = [label for _, label in live.at_peak]
+    assert any(
+        label.startswith("backward _to_copy") and label.endswith("<- autograd's ToCopyBackward0")
+        for label in labels
+    ), labels
+
+
 def _measure(layers: int) -> dict:
     return peak_memory.measure(
         layers,
