@@ -151,7 +151,8 @@ class LiveTensors(TorchDispatchMode):
     so it explains the peak rather than measures it. While a dispatch mode is active autograd
     sums the gradients of a tensor with several consumers into a new tensor rather than into
     one of them in place, so this may list a sum a plain run does not make. A tensor of
-    `NAMED_FROM` bytes or more is labelled with the lines of the model's code that made it."""
+    `NAMED_FROM` bytes or more is labelled with the lines of the model's code that made it, or
+    with the autograd node whose backward made it (`made_in`)."""
 
     # Frames worth naming where a large tensor is made: the model's code, not torch's.
     OWN_CODE = ("/lorafit/", "/transformers/models/", "/peft/", "/bitsandbytes/")
@@ -399,8 +400,8 @@ def main() -> None:
         "--at-peak",
         action="store_true",
         help="list the largest tensors alive at the peak of one step, the first layer count, "
-        "each of 16 MiB or more with the lines of lorafit's, transformers' or peft's code that "
-        "made it (or autograd's node, for what its engine makes)",
+        "each of 16 MiB or more with the lines of lorafit's, transformers', peft's or "
+        "bitsandbytes' code that made it (or autograd's node, for what its engine makes)",
     )
     args = parser.parse_args()
     data, rows = data_overrides(args)

@@ -101,8 +101,9 @@ class StepMeter:
     def _stop_profiler(self) -> None:
         self._profiler.stop()
         if self.cuda:
-            self.gpu_busy_share = gpu_busy_share(self._profiler.events())
-            self.gpu_time_by_kind = gpu_time_by_kind(self._profiler.events(), PROFILED_STEPS)
+            events = self._profiler.events()
+            self.gpu_busy_share = gpu_busy_share(events)
+            self.gpu_time_by_kind = gpu_time_by_kind(events, PROFILED_STEPS)
         if self.trace:
             _write_trace(self._profiler, self.trace)
         averages = self._profiler.key_averages()
@@ -283,13 +284,13 @@ def gpu_time_by_kind(events, steps: int) -> dict[str, dict[str, float]] | None:
         if op.device_type != DeviceType.CPU or not op.kernels:
             continue
         shapes = op.input_shapes or []
-        for kernel in op.kernels:
-            tally = found[kernel_kind(kernel.name, op.name, shapes)]
-            tally[0] += kernel.duration
-            tally[1] += 1
+        op_kinds = [kernel_kind(kernel.name, op.name, shapes) for kernel in op.kernels]
+        for kernel, kind in zip(op.kernels, op_kinds, strict=True):
+            found[kind][0] += kernel.duration
+            found[kind][1] += 1
         flops = product_flops(shapes) if op.name in PRODUCT_OPS else None
         if flops:  # the op's FLOPs over all its kernels' time (a split-K product has two)
-            tally = found[kernel_kind(op.kernels[0].name, op.name, shapes)]
+            tally = found[op_kinds[0]]
             tally[2] += flops
             tally[3] += sum(kernel.duration for kernel in op.kernels)
     claimed = sum(tally[0] for tally in found.values())
