@@ -3,6 +3,7 @@ data cache, and offline Weights & Biases."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from helpers import TINY, compose_config
 from lorafit.eval import leaderboard
+from lorafit.runs.sweep_leaderboard import LeaderboardAtSweepEnd
 from lorafit.training import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +26,7 @@ QUIET = [
 ]
 
 
-def _multirun(sweep: Path, *overrides: str) -> None:
+def _multirun(sweep: Path, *overrides: str) -> str:
     command = [
         sys.executable,
         str(ROOT / "train.py"),
@@ -34,25 +37,35 @@ def _multirun(sweep: Path, *overrides: str) -> None:
         f"data.dataset_prepared_path={sweep / 'prepared'}",
         *overrides,
     ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=600)
-    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=600, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def _leaderboard(sweep: Path) -> list[dict]:
+    """The rows of the leaderboard the sweep itself wrote when its trials had returned."""
+    with open(sweep / "leaderboard.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 @pytest.mark.slow
 def test_a_grid_sweep_gives_four_runs_a_leaderboard_and_one_tokenization(tmp_path):
     sweep = tmp_path / "grid"
-    _multirun(sweep, "adapter.r=4,8", "optimizer.lr=1e-3,1e-2")
-    trials = leaderboard.write(sweep)
-    assert sorted(t["trial"] for t in trials) == ["0", "1", "2", "3"]
-    losses = [t["final"]["val/loss"] for t in trials]
+    printed = _multirun(sweep, "adapter.r=4,8", "optimizer.lr=1e-3,1e-2")
+    rows = _leaderboard(sweep)
+    assert list(rows[0])[:4] == ["rank", "trial", "overrides", "val/loss"]
+    assert sorted(r["trial"] for r in rows) == ["0", "1", "2", "3"]
+    losses = [float(r["val/loss"]) for r in rows]
     assert losses == sorted(losses)
-    assert {t["varying"] for t in trials} == {
+    # The ranking is the trials' own final val/loss.
+    finals = {t["trial"]: t["final"] for t in leaderboard.collect(sweep)}
+    assert all(float(r["val/loss"]) == finals[r["trial"]]["val/loss"] for r in rows)
+    assert {r["overrides"] for r in rows} == {
         f"adapter.r={r} optimizer.lr={lr}" for r in (4, 8) for lr in ("0.001", "0.01")
     }
-    rows = (sweep / "leaderboard.csv").read_text().splitlines()
-    assert len(rows) == 5 and rows[0].startswith("rank,trial,overrides,val/loss")
     assert (sweep / "leaderboard.md").read_text().count("\n| ") == 6  # header, rule, 4 trials
     assert (sweep / "val_loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"1. trial {rows[0]['trial']}: val/loss=" in printed
     cached = [json.loads((sweep / n / "prepared_data.json").read_text()) for n in "0123"]
     assert [c["from_cache"] for c in cached] == [False, True, True, True]
     assert len({c["key"] for c in cached}) == 1
@@ -63,9 +76,9 @@ def test_an_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
     sweep = tmp_path / "optuna"
     _multirun(sweep, "hparams_search=optuna", "hydra.sweeper.n_trials=3")
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    trials = leaderboard.write(sweep)
-    assert len(trials) == 3
-    assert best["best_value"] == trials[0]["final"]["val/loss"]
+    rows = _leaderboard(sweep)
+    assert len(rows) == 3
+    assert best["best_value"] == float(rows[0]["val/loss"])
     assert set(best["best_params"]) == {
         "optimizer.lr",
         "adapter.r",
@@ -73,6 +86,16 @@ def test_an_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
         "adapter.dropout",
         "scheduler.warmup_steps",
     }
+
+
+def test_a_sweep_without_csv_logs_keeps_its_trials_and_says_why_it_has_no_leaderboard(
+    tmp_path, capsys
+):
+    (tmp_path / "0" / "wandb").mkdir(parents=True)  # a trial logged to wandb only
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    LeaderboardAtSweepEnd().on_multirun_end(config)
+    assert "no leaderboard for this sweep" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["0"]
 
 
 @pytest.mark.slow

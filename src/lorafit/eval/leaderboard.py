@@ -112,12 +112,17 @@ def main() -> None:
     parser.add_argument("--objective", default="val/loss")
     parser.add_argument("--maximize", action="store_true")
     args = parser.parse_args()
-    for rank, trial in enumerate(write(args.sweep, args.objective, args.maximize), 1):
+    print_ranking(write(args.sweep, args.objective, args.maximize), args.objective, args.sweep)
+
+
+def print_ranking(trials: list[dict], objective: str, sweep: Path) -> None:
+    """The trials as `write` ranked them, a line each, and where the files went."""
+    for rank, trial in enumerate(trials, 1):
         print(
-            f"{rank}. trial {trial['trial']}: {args.objective}="
-            f"{trial['final'].get(args.objective)} {trial['varying']}"
+            f"{rank}. trial {trial['trial']}: {objective}={trial['final'].get(objective)} "
+            f"{trial['varying']}"
         )
-    print(f"wrote {args.sweep / 'leaderboard.md'}")
+    print(f"wrote {sweep / 'leaderboard.md'}")
 
 
 if __name__ == "__main__":
