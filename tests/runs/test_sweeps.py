@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from helpers import TINY, compose_config
 from lorafit.eval import leaderboard
-from lorafit.runs.sweep_leaderboard import LeaderboardAtSweepEnd
+from lorafit.eval.sweep_leaderboard import LeaderboardAtSweepEnd
 from lorafit.training import train
 
 ROOT = Path(__file__).resolve().parents[2]
