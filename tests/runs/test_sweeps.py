@@ -109,6 +109,12 @@ def test_offline_wandb_records_metrics_gradients_config_and_the_adapter(tmp_path
         "logger.wandb.log_adapter=true",
     ]
     train(compose_config(overrides, tmp_path))
+    # run.finish() returns once wandb's service has the run's last records, not once its
+    # writer has put them in the file: read before that (the full suite, once) and the
+    # adapter's record was missing. Closing the service waits for its writers.
+    import wandb
+
+    wandb.teardown()
     (record,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     content = b"".join(_wandb_records(record.read_bytes()))
     for expected in (b"train/loss", b"val/loss", b"gradients/", b"git_commit", b"adapter-"):
