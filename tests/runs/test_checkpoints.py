@@ -70,6 +70,18 @@ def test_what_cannot_be_resumed_is_named(runs, tmp_path):
         locate(runs / "an_eval", "ckpt")
 
 
+def test_a_sweep_s_folder_is_refused_with_its_trials_named(tmp_path):
+    sweep = tmp_path / "multirun" / "2026-11-28_16-05-02"
+    for trial in range(11):
+        _run(sweep / str(trial), adapter=True, last=True, age=trial)
+    (sweep / "leaderboard.md").write_text("")
+    expected = f"sweep's folder, not a run.*trials \\(0, 1, 2, ...\\), e.g. ckpt={sweep}/0;"
+    with pytest.raises(CheckpointError, match=expected):
+        locate(sweep, "ckpt")
+    with pytest.raises(CheckpointError, match="e.g. resume_from_checkpoint="):
+        checkpoint_path(str(sweep))
+
+
 def test_a_key_set_on_the_command_line_changes_only_that_key_of_the_runs_config(tmp_path):
     run = tmp_path / "run"
     train_cfg = compose_config(["experiment=tiny", "data.sequence_len=77"], run)

@@ -87,6 +87,15 @@ def locate(
             )
             raise CheckpointError(f"{key}={value}: the run folder has no {wanted}")
         return located
+    # Hydra numbers a sweep's trials 0, 1, ..., 10: in that order, not the alphabet's.
+    trials = sorted((sub.name for sub in path.iterdir() if _run_of(sub)), key=lambda n: (len(n), n))
+    if trials:
+        # A sweep's folder (python train.py -m ...): its trials are the runs.
+        shown = ", ".join(trials[:3]) + (", ..." if len(trials) > 3 else "")
+        raise CheckpointError(
+            f"{key}={value} is a sweep's folder, not a run: name one of its trials "
+            f"({shown}), e.g. {key}={path / trials[0]}; its leaderboard.md ranks them"
+        )
     raise CheckpointError(
         f"{key}={value}: not a run folder (config.yaml), an adapter folder "
         "(adapter_config.json) or a Lightning .ckpt file"
