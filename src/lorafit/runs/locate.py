@@ -92,9 +92,11 @@ def locate(
     if trials:
         # A sweep's folder (python train.py -m ...): its trials are the runs.
         shown = ", ".join(trials[:3]) + (", ..." if len(trials) > 3 else "")
+        # Named only where the sweep wrote one: one stopped early or logged to wandb only has none.
+        ranked = "; its leaderboard.md ranks them" if (path / "leaderboard.md").is_file() else ""
         raise CheckpointError(
             f"{key}={value} is a sweep's folder, not a run: name one of its trials "
-            f"({shown}), e.g. {key}={path / trials[0]}; its leaderboard.md ranks them"
+            f"({shown}), e.g. {key}={path / trials[0]}{ranked}"
         )
     raise CheckpointError(
         f"{key}={value}: not a run folder (config.yaml), an adapter folder "
